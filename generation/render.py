@@ -1,0 +1,301 @@
+"""Ray-cast renderer: exact per-pixel face ids, part masks, depth, normals and Lambert shading.
+
+One ray per pixel through trimesh's embreex intersector (`RayMeshIntersector.intersects_first`), so masks
+carry no anti-aliasing: a pixel belongs to exactly the face its centre ray hits first.
+
+Conventions (the project's):
+- Camera: OpenCV, x right, y down, z forward. Extrinsics x_cam = R @ X + t with X in world (SMAL)
+  coordinates in metres; K is the 3x3 intrinsic matrix in pixels.
+- Pixels: OpenCV's convention, integer coordinates are pixel centres. Pixel (u, v) (column u, row v)
+  covers [u - 0.5, u + 0.5) x [v - 0.5, v + 0.5) and its ray goes through K^-1 @ [u, v, 1]; a 3D point
+  projected with K, (fx X/Z + cx, fy Y/Z + cy), lands in that pixel when it rounds to (u, v). The image
+  spans [-0.5, W - 0.5) x [-0.5, H - 0.5).
+- Light: `light_dir` is a world-frame direction from the surface towards the light (SMAL world: z up);
+  None means a headlight (light from the camera).
+
+Shapes: V vertices, F faces, N keypoints, H x W image in pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import trimesh
+from trimesh.ray.ray_pyembree import RayMeshIntersector
+
+
+@dataclass
+class RenderResult:
+    """What one render produced (H x W pixels; background pixels hold the stated fill values).
+
+    shading (H,W) float32 in [0,1]: ambient + (1 - ambient) * max(0, n . l), 0 on background.
+    normals (H,W,3) float32: camera-space unit normals of the hit faces, oriented towards the camera; 0 on
+        background. normals_world (H,W,3) float32: the same normals in the world frame.
+    silhouette (H,W) bool. depth (H,W) float32: camera z in metres, inf on background.
+    face_ids (H,W) int32: index into the input faces, -1 on background.
+    part_fine / part_coarse (H,W) uint8: part labels of the hit faces, 0 on background.
+    hit_points (H,W,3) float32: world coordinates (metres) of the hits, 0 on background.
+    keypoints_2d (N,3) float32: [x, y, visibility] in pixels; visibility 1 when inside the image and not
+        occluded, else 0 (x, y stay the pinhole projection either way). (0,3) without keypoints.
+    keypoints_3d (N,3) float32: the world keypoints that were projected, (0,3) without keypoints.
+    bbox (4,) float32: [x, y, w, h] of the silhouette in pixel indices (x = first column, w = number of
+        columns spanned), zeros when the silhouette is empty.
+    object_size: float, metres: diagonal of the rendered vertices' bounding box.
+    """
+
+    shading: np.ndarray
+    normals: np.ndarray
+    normals_world: np.ndarray
+    silhouette: np.ndarray
+    depth: np.ndarray
+    face_ids: np.ndarray
+    part_fine: np.ndarray
+    part_coarse: np.ndarray
+    hit_points: np.ndarray
+    keypoints_2d: np.ndarray
+    keypoints_3d: np.ndarray
+    bbox: np.ndarray
+    object_size: float
+
+    @property
+    def height(self) -> int:
+        return int(self.silhouette.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.silhouette.shape[1])
+
+
+def _check_array(name: str, value: np.ndarray, shape: tuple[int | None, ...]) -> np.ndarray:
+    """Return `value` as an array, raising ValueError when its shape does not match (None = any size)."""
+    arr = np.asarray(value)
+    ok = arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape, strict=True))
+    if not ok:
+        want = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"render: {name} must have shape {want}, got {arr.shape}")
+    return arr
+
+
+def bbox_of_mask(mask: np.ndarray) -> np.ndarray:
+    """(4,) float32 [x, y, w, h] of a (H,W) bool mask in pixel indices; zeros for an empty mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return np.zeros(4, dtype=np.float32)
+    return np.array([cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1], dtype=np.float32)
+
+
+class Renderer:
+    """Ray-casts a triangle mesh into masks, depth, normals and shading; see the module docstring.
+
+    ambient: shading floor in [0, 1). occlusion_tolerance: metres a keypoint may lie behind the first
+    surface its camera ray hits and still count as visible (keypoints are means of surface vertices and
+    can sit slightly inside the body). occlusion_tolerance_frac: the same as a fraction of the object size
+    (bounding-box diagonal); the larger of the two is used. The renderer holds no per-call state, so one
+    instance may be shared between threads.
+    """
+
+    def __init__(
+        self, ambient: float = 0.25, occlusion_tolerance: float = 0.02, occlusion_tolerance_frac: float = 0.02
+    ) -> None:
+        if not 0.0 <= ambient < 1.0:
+            raise ValueError(f"Renderer: ambient must be in [0, 1), got {ambient}")
+        if occlusion_tolerance < 0 or occlusion_tolerance_frac < 0:
+            raise ValueError("Renderer: occlusion tolerances must be >= 0")
+        self.ambient = float(ambient)
+        self.occlusion_tolerance = float(occlusion_tolerance)
+        self.occlusion_tolerance_frac = float(occlusion_tolerance_frac)
+
+    def render(
+        self,
+        vertices: np.ndarray,
+        faces: np.ndarray,
+        face_part_fine: np.ndarray,
+        K: np.ndarray,
+        R: np.ndarray,
+        t: np.ndarray,
+        width: int,
+        height: int,
+        keypoints_3d: np.ndarray | None = None,
+        light_dir: np.ndarray | None = None,
+        fine_to_coarse: Sequence[int] | None = None,
+        face_mask: np.ndarray | None = None,
+    ) -> RenderResult:
+        """Render vertices (V,3) world metres and faces (F,3) into a `RenderResult` of height x width px.
+
+        face_part_fine (F,) uint8: fine part label of every face (>= 1; 0 is background).
+        K (3,3), R (3,3), t (3,): camera (see module docstring). keypoints_3d (N,3) world metres.
+        light_dir (3,) world direction towards the light. fine_to_coarse: coarse label of each fine label
+        (part_coarse stays all 0 without it). face_mask (F,) bool: False hides a face (a missing limb).
+        """
+        vertices = _check_array("vertices", vertices, (None, 3)).astype(np.float64)
+        faces = _check_array("faces", faces, (None, 3)).astype(np.int64)
+        labels = _check_array("face_part_fine", face_part_fine, (faces.shape[0],))
+        K = _check_array("K", K, (3, 3)).astype(np.float64)
+        R = _check_array("R", R, (3, 3)).astype(np.float64)
+        t = _check_array("t", t, (3,)).astype(np.float64)
+        if width <= 0 or height <= 0:
+            raise ValueError(f"render: width and height must be positive, got {width}x{height}")
+        if labels.size and (labels.min() < 1 or labels.max() > 255):
+            raise ValueError("render: face_part_fine must be in 1..255 (0 is reserved for the background)")
+        labels = labels.astype(np.uint8)
+
+        cam_vertices = vertices @ R.T + t
+        face_index = np.arange(faces.shape[0])
+        if face_mask is not None:
+            face_index = np.flatnonzero(_check_array("face_mask", face_mask, (faces.shape[0],)).astype(bool))
+        shown = faces[face_index]
+        size = float(np.linalg.norm(np.ptp(vertices, axis=0))) if len(vertices) else 0.0
+
+        n_pix = width * height
+        face_flat = np.full(n_pix, -1, dtype=np.int64)
+        depth_flat = np.full(n_pix, np.inf)
+        normal_flat = np.zeros((n_pix, 3))
+        point_flat = np.zeros((n_pix, 3))
+        intersector = None
+        if shown.shape[0]:
+            mesh = trimesh.Trimesh(vertices=cam_vertices, faces=shown, process=False, validate=False)
+            intersector = RayMeshIntersector(mesh)
+            pix, dirs = self._pixel_rays(K, cam_vertices[np.unique(shown)], width, height)
+            hit = intersector.intersects_first(np.zeros_like(dirs), dirs)
+            got = hit >= 0
+            pix, dirs, local = pix[got], dirs[got], hit[got]
+            normal, dist = _plane_hits(cam_vertices[shown[local]], dirs)
+            face_flat[pix] = face_index[local]
+            depth_flat[pix] = dist  # rays have z = 1, so the ray parameter is the camera z
+            normal_flat[pix] = normal
+            point_flat[pix] = (dirs * dist[:, None] - t) @ R  # back to world: R^T (x_cam - t)
+
+        silhouette = (face_flat >= 0).reshape(height, width)
+        face_ids = face_flat.reshape(height, width).astype(np.int32)
+        part_fine = np.zeros((height, width), dtype=np.uint8)
+        part_fine[silhouette] = labels[face_ids[silhouette]]
+        part_coarse = np.zeros_like(part_fine)
+        if fine_to_coarse is not None:
+            lut = np.zeros(256, dtype=np.uint8)
+            lut[: len(fine_to_coarse)] = np.asarray(fine_to_coarse, dtype=np.uint8)
+            part_coarse = lut[part_fine]
+
+        light_cam = (
+            np.array([0.0, 0.0, -1.0]) if light_dir is None else R @ _unit(np.asarray(light_dir, float))
+        )
+        lambert = np.clip(normal_flat @ light_cam, 0.0, 1.0)
+        shading = np.where(face_flat >= 0, self.ambient + (1.0 - self.ambient) * lambert, 0.0)
+        normals = normal_flat.reshape(height, width, 3)
+
+        kp3 = (
+            np.zeros((0, 3))
+            if keypoints_3d is None
+            else _check_array("keypoints_3d", keypoints_3d, (None, 3))
+        )
+        kp2 = self._keypoints(
+            kp3.astype(np.float64), K, R, t, width, height, intersector, shown, cam_vertices, size
+        )
+        return RenderResult(
+            shading=shading.reshape(height, width).astype(np.float32),
+            normals=normals.astype(np.float32),
+            normals_world=(normals @ R).astype(np.float32),  # R^T n, row-wise
+            silhouette=silhouette,
+            depth=depth_flat.reshape(height, width).astype(np.float32),
+            face_ids=face_ids,
+            part_fine=part_fine,
+            part_coarse=part_coarse,
+            hit_points=point_flat.reshape(height, width, 3).astype(np.float32),
+            keypoints_2d=kp2,
+            keypoints_3d=kp3.astype(np.float32),
+            bbox=bbox_of_mask(silhouette),
+            object_size=size,
+        )
+
+    @staticmethod
+    def _pixel_rays(
+        K: np.ndarray, cam_points: np.ndarray, width: int, height: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Flat pixel indices (M,) and ray directions (M,3) (z = 1) of the pixels that can see the mesh.
+
+        Only pixels inside the projected bounding box of the mesh are cast; when part of the mesh is at or
+        behind the camera plane every pixel is cast.
+        """
+        u0, v0, u1, v1 = 0, 0, width - 1, height - 1
+        z = cam_points[:, 2]
+        if np.all(z > 1e-9):
+            uvw = cam_points @ K.T
+            uv = uvw[:, :2] / uvw[:, 2:3]
+            lo = np.floor(uv.min(axis=0) - 1.0).astype(np.int64)
+            hi = np.ceil(uv.max(axis=0) + 1.0).astype(np.int64)
+            u0, v0 = max(u0, lo[0]), max(v0, lo[1])
+            u1, v1 = min(u1, hi[0]), min(v1, hi[1])
+        if u1 < u0 or v1 < v0:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 3))
+        uu, vv = np.meshgrid(np.arange(u0, u1 + 1), np.arange(v0, v1 + 1))
+        pix = (vv * width + uu).reshape(-1)
+        homog = np.stack([uu, vv, np.ones_like(uu)], axis=-1).reshape(-1, 3).astype(np.float64)
+        dirs = homog @ np.linalg.inv(K).T
+        return pix, dirs / dirs[:, 2:3]
+
+    def _keypoints(
+        self,
+        kp: np.ndarray,
+        K: np.ndarray,
+        R: np.ndarray,
+        t: np.ndarray,
+        width: int,
+        height: int,
+        intersector: RayMeshIntersector | None,
+        shown: np.ndarray,
+        cam_vertices: np.ndarray,
+        size: float,
+    ) -> np.ndarray:
+        """(N,3) float32 [x, y, visibility]: pinhole projection, visible = in frame, in front, unoccluded."""
+        out = np.zeros((kp.shape[0], 3), dtype=np.float32)
+        if kp.shape[0] == 0:
+            return out
+        cam = kp @ R.T + t
+        uvw = cam @ K.T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xy = uvw[:, :2] / uvw[:, 2:3]
+        front = cam[:, 2] > 1e-9
+        inside = (
+            front
+            & (xy[:, 0] >= -0.5)
+            & (xy[:, 0] < width - 0.5)
+            & (xy[:, 1] >= -0.5)
+            & (xy[:, 1] < height - 0.5)
+        )
+        visible = inside.copy()
+        idx = np.flatnonzero(inside)
+        if intersector is not None and idx.size:
+            dist = np.linalg.norm(cam[idx], axis=1)
+            dirs = cam[idx] / dist[:, None]
+            hit = intersector.intersects_first(np.zeros_like(dirs), dirs)
+            got = hit >= 0
+            _, hit_dist = _plane_hits(cam_vertices[shown[hit[got]]], dirs[got])
+            tol = max(self.occlusion_tolerance, self.occlusion_tolerance_frac * size)
+            occluded = np.zeros(idx.size, dtype=bool)
+            occluded[got] = hit_dist < dist[got] - tol
+            visible[idx] = ~occluded
+        out[:, :2] = np.nan_to_num(xy)  # behind the camera: the formula's value, still a projection
+        out[:, 2] = visible.astype(np.float32)
+        return out
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(v))
+    if v.shape != (3,) or norm == 0.0:
+        raise ValueError(f"render: light_dir must be a non-zero (3,) vector, got {v!r}")
+    return v / norm
+
+
+def _plane_hits(tri: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit normals facing the ray (M,3) and ray parameters s (M,) where rays s * dirs from the origin meet
+    the planes of the triangles tri (M,3,3)."""
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-300)
+    along = np.einsum("ij,ij->i", normal, dirs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.einsum("ij,ij->i", normal, tri[:, 0]) / along
+    s = np.where(np.isfinite(s), s, 0.0)
+    normal = np.where((along > 0)[:, None], -normal, normal)
+    return normal, s

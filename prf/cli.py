@@ -1,0 +1,161 @@
+"""The `prf` command. Each subcommand imports its heavy modules lazily so `prf --help` stays fast.
+
+Config-level problems (a bad flag value, a missing file, an invalid YAML) are reported as one clear error
+line before any work starts, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="prf",
+    help="PRF: filter diffusion-generated 3D-annotated animal images; generate 3D-DST batches; run KCF.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+batch_app = typer.Typer(help="Inspect BATCH folders.", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class UserError(Exception):
+    """A problem with the user's input or configuration: shown as one line, exit code 2."""
+
+
+def friendly_errors(func: F) -> F:
+    """Turn configuration errors into a one-line message and exit code 2 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return func(*args, **kwargs)
+        except (UserError, FileNotFoundError, ValueError) as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/N' -> (i, N) with 0 <= i < N."""
+    try:
+        i_text, n_text = text.split("/")
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        raise UserError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text}: need 0 <= i < N")
+    return i, n
+
+
+@app.command()
+@friendly_errors
+def body(
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("body.png"),
+    smal: Annotated[
+        Path | None, typer.Option(help="A SMAL model pickle; default: the built-in quadruped.")
+    ] = None,
+    family_data: Annotated[Path | None, typer.Option(help="SMAL shape-family data (cluster_means).")] = None,
+    family: Annotated[int | None, typer.Option(help="Start from this shape family's mean betas.")] = None,
+    size: Annotated[int, typer.Option(help="Size of each view in pixels.")] = 384,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled poses shown next to the rest pose.")] = 0,
+) -> None:
+    """Render a body model (rest pose and sampled poses) with its keypoints and part colours."""
+    from prf.body_preview import render_body_sheet
+
+    path = render_body_sheet(out, smal=smal, family_data=family_data, family=family, size=size, seed=seed)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+@friendly_errors
+def generate(
+    out: Annotated[Path, typer.Argument(help="BATCH folder to write (resumes if it exists).")],
+    n: Annotated[int, typer.Option("--n", help="Number of images in the whole batch.")] = 64,
+    seed: Annotated[int, typer.Option(help="Run seed; each image's seed derives from it.")] = 0,
+    backend: Annotated[str, typer.Option(help="render (built-in, no weights) or diffusers.")] = "render",
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    inject_failures: Annotated[
+        float, typer.Option(help="Fraction of images with an injected failure.")
+    ] = 0.0,
+    failure_types: Annotated[
+        list[str] | None, typer.Option(help="Failure types to inject (repeatable).")
+    ] = None,
+    smal: Annotated[
+        Path | None, typer.Option(help="A SMAL model pickle; default: built-in quadruped.")
+    ] = None,
+    family_data: Annotated[Path | None, typer.Option(help="SMAL shape-family data file.")] = None,
+    poses: Annotated[Path | None, typer.Option(help="Poses: Animal3D JSON, Parquet or NPZ.")] = None,
+    categories: Annotated[list[str] | None, typer.Option(help="Categories to draw (repeatable).")] = None,
+    style: Annotated[str, typer.Option(help="synthetic, or standin (a stand-in 'real' look).")] = "synthetic",
+    animal3d_json: Annotated[
+        Path | None, typer.Option(help="Also write the batch as an Animal3D-format JSON here.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with more generation settings.")] = None,
+    shard: Annotated[str, typer.Option(help="Make only shard i of N (i/N).")] = "0/1",
+    workers: Annotated[int, typer.Option(help="Preparation threads.")] = 2,
+    model_path: Annotated[
+        Path | None, typer.Option(help="diffusers backend: local SD 1.5 folder or cache id.")
+    ] = None,
+    controlnet_path: Annotated[Path | None, typer.Option(help="diffusers backend: local ControlNet.")] = None,
+) -> None:
+    """Generate a 3D-DST batch of annotated animal images (a BATCH folder)."""
+    from generation.run import run_generate
+
+    settings: dict[str, object] = {}
+    if config is not None:
+        import yaml
+
+        if not config.exists():
+            raise UserError(f"config file not found: {config}")
+        settings.update(yaml.safe_load(config.read_text()) or {})
+    settings.update(
+        n=n, seed=seed, backend=backend, image_size=image_size, inject_failures=inject_failures, style=style
+    )
+    optional = {
+        "failure_types": failure_types or None,
+        "categories": categories or None,
+        "smal": str(smal) if smal else None,
+        "family_data": str(family_data) if family_data else None,
+        "poses": str(poses) if poses else None,
+    }
+    settings.update({k: v for k, v in optional.items() if v is not None})
+    backend_options = dict(settings.get("backend_options") or {})  # type: ignore[arg-type]
+    if model_path is not None:
+        backend_options["model_path"] = str(model_path)
+    if controlnet_path is not None:
+        backend_options["controlnet_path"] = str(controlnet_path)
+    settings["backend_options"] = backend_options
+    run_generate(out, settings, shard=parse_shard(shard), workers=workers, animal3d_json=animal3d_json)
+
+
+@batch_app.command("sheet")
+@friendly_errors
+def batch_sheet(
+    batch: Annotated[Path, typer.Argument(help="BATCH folder.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG to write.")] = None,
+    limit: Annotated[int, typer.Option(help="Images to show.")] = 16,
+) -> None:
+    """Write a contact sheet (image, condition, part overlay, keypoints) of a BATCH."""
+    from generation.sheet import write_contact_sheet
+
+    path = write_contact_sheet(batch, out or batch / "sheet.png", limit=limit)
+    console.print(f"wrote {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""File helpers shared by the BATCH reader/writer: atomic writes and defensive image reading.
+
+Atomic write: the bytes go to a hidden temporary file in the destination folder, which is then renamed over
+the final name with ``os.replace`` (atomic on POSIX within one file system). A crash leaves either the old
+file, the new file, or a stray ``.<name>.<random>.tmp`` -- never a partial file under the final name.
+
+Image reading checks the header before decoding (Pillow's lazy ``Image.open`` only reads the header), so a
+file that claims to be 20000 x 20000 is refused without allocating its pixels. Legend: H height, W width
+(pixels).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MAX_IMAGE_SIDE = 8192  # pixels; images whose header claims a larger side are refused undecoded
+_WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+class ImageReadError(ValueError):
+    """An image file could not be read; ``path`` names the file and the message says why."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder + ``os.replace``).
+
+    The parent folder must exist. Returns the final path.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as UTF-8 JSON atomically. NaN and infinity are refused (they are not valid JSON)."""
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"cannot write {path} as JSON (NaN/inf and non-JSON types are refused): {err}"
+        ) from err
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def json_normalise(obj: Any, what: str = "value") -> Any:
+    """``obj`` in plain JSON types (tuples become lists); ValueError if not JSON without NaN/inf."""
+    try:
+        return json.loads(json.dumps(obj, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be JSON-serialisable without NaN/inf: {err}") from err
+
+
+def json_diff(
+    old: Any, new: Any, old_name: str = "before", new_name: str = "after", prefix: str = ""
+) -> list[str]:
+    """Human-readable differences between two JSON values, one line per differing (dotted) key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{name}: absent {old_name}, {new[key]!r} {new_name}")
+            elif key not in new:
+                out.append(f"{name}: {old[key]!r} {old_name}, absent {new_name}")
+            else:
+                out.extend(json_diff(old[key], new[key], old_name, new_name, name))
+        return out
+    return [] if old == new else [f"{prefix or '<root>'}: {old!r} {old_name}, {new!r} {new_name}"]
+
+
+def _check_writable_array(path: Path, array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"cannot write {path}: expected a uint8 array, got dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(
+            f"cannot write {path}: expected shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"cannot write {path}: the image is empty (shape {array.shape})")
+    return np.ascontiguousarray(array)
+
+
+def write_image(path: str | os.PathLike[str], array: np.ndarray, jpeg_quality: int = 95) -> Path:
+    """Encode a uint8 array ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` and write it atomically.
+
+    The format follows the suffix: ``.png`` (lossless) or ``.jpg`` / ``.jpeg`` (``jpeg_quality``).
+    """
+    path = Path(path)
+    fmt = _WRITE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot write {path}: unsupported suffix (use one of {sorted(_WRITE_FORMATS)})")
+    array = _check_writable_array(path, array)
+    if fmt == "JPEG" and array.ndim == 3 and array.shape[2] == 4:
+        raise ValueError(f"cannot write {path}: JPEG has no alpha channel; pass (H, W, 3)")
+    buffer = io.BytesIO()
+    options = {"quality": jpeg_quality} if fmt == "JPEG" else {"compress_level": 6}
+    Image.fromarray(array).save(buffer, format=fmt, **options)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
+    """Write a uint8 ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array as a PNG, atomically."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"cannot write {path} with write_png: the name must end in .png")
+    return write_image(path, array)
+
+
+def _open_checked(path: Path, max_side: int) -> Image.Image:
+    """Open lazily (header only) and refuse missing, empty, unrecognised or oversized files."""
+    if not path.exists():
+        raise ImageReadError(path, "file not found")
+    if not path.is_file():
+        raise ImageReadError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "the file is empty (zero bytes)")
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError as err:
+        raise ImageReadError(path, "not an image (Pillow does not recognise the format)") from err
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(path, f"too large: {err}") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(path, f"unreadable header: {err}") from err
+    width, height = image.size
+    if width > max_side or height > max_side or width <= 0 or height <= 0:
+        image.close()
+        raise ImageReadError(
+            path,
+            f"too large or degenerate: the header says {width} x {height} pixels (limit {max_side} a side)",
+        )
+    return image
+
+
+def _decode(path: Path, image: Image.Image) -> None:
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageReadError(path, f"truncated or corrupt image data ({err})") from err
+
+
+def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 -> (H, W, 3) uint8, colour times alpha (transparent pixels become black)."""
+    alpha = rgba[:, :, 3:4].astype(np.uint16)
+    return ((rgba[:, :, :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+
+
+def _high_depth_to_uint8(path: Path, image: Image.Image) -> np.ndarray:
+    """Single-channel 16/32-bit integer image -> (H, W) uint8 (16-bit range scaled down to 8 bits)."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        raise ImageReadError(path, "32-bit float images are not supported; save it as 8-bit RGB")
+    if image.mode.startswith("I;16") or int(values.max(initial=0)) > 255:
+        scaled = np.clip(values.astype(np.int64), 0, 65535)
+        return ((scaled * 255 + 32767) // 65535).astype(np.uint8)
+    return np.clip(values, 0, 255).astype(np.uint8)
+
+
+def read_image_rgb(path: str | os.PathLike[str], max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
+    """Read an image file as ``(H, W, 3)`` uint8 RGB.
+
+    Grayscale is replicated to three channels; RGBA / LA / palette-with-transparency are composited on
+    black (as 3D-DST turns its transparent renders into conditions); 16-bit images are scaled to 8 bits
+    (32-bit integer grayscale is taken as 16-bit when a value exceeds 255, else as 8-bit).
+    EXIF orientation is not applied (annotations refer to the stored pixel grid).
+
+    Raises:
+        ImageReadError: missing, zero-byte, unrecognised, truncated or corrupt file, float images, or a
+            header that claims a side longer than ``max_side`` pixels (refused before decoding).
+    """
+    path = Path(path)
+    image = _open_checked(path, max_side)
+    with image:
+        _decode(path, image)
+        mode = image.mode
+        if mode == "P":
+            mode = "RGBA" if "transparency" in image.info else "RGB"
+            image_rgb = image.convert(mode)
+        elif mode == "LA" or mode == "PA":
+            mode = "RGBA"
+            image_rgb = image.convert(mode)
+        elif mode.startswith("I") or mode == "F":
+            gray = _high_depth_to_uint8(path, image)
+            return np.repeat(gray[:, :, None], 3, axis=2)
+        elif mode in ("RGB", "RGBA"):
+            image_rgb = image
+        else:
+            mode = "RGB"
+            image_rgb = image.convert("RGB")
+        array = np.asarray(image_rgb)
+    if mode == "RGBA":
+        return _composite_on_black(array)
+    return np.ascontiguousarray(array, dtype=np.uint8)
+
+
+def read_label_png(path: str | os.PathLike[str], max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
+    """Read a label image (one uint8 label per pixel, e.g. a part mask) as ``(H, W)`` uint8.
+
+    Accepts 8-bit grayscale and palette images (the palette indices are the labels); anything else is
+    refused, since converting colours to labels would silently invent labels.
+    """
+    path = Path(path)
+    image = _open_checked(path, max_side)
+    with image:
+        _decode(path, image)
+        if image.mode not in ("L", "P"):
+            raise ImageReadError(
+                path, f"expected a single-channel 8-bit label image (mode L or P), got mode {image.mode}"
+            )
+        return np.array(image, dtype=np.uint8)

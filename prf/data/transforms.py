@@ -1,0 +1,262 @@
+"""Crops and augmentations shared by training, evaluation and scoring (one crop function for all three).
+
+Legend: H, W image height and width, S crop side (pixels), K = 26 keypoints, J joints.
+
+Pixel and crop conventions are ``prf.geometry``'s: pixel centres at integer coordinates (OpenCV /
+cv2.warpAffine), normalised crop coordinates ``n`` in [-1, 1] across the crop's full extent
+(``pixel = (n + 1) * S / 2 - 0.5``, i.e. ``(n + 1) / 2 * S`` measured from the crop's left edge).
+
+Crop geometry (``crop_affine``): the square box ``prf.geometry.square_box(bbox, scale)`` (side ``scale *
+max(w, h)``, centred on the bbox) fills the ``S x S`` crop, the content is rotated by ``rotation`` DEGREES
+counter-clockwise as seen (image y down) about the crop centre, then mirrored left/right where ``flip``.
+
+3D targets live in the camera frame (OpenCV axes: x right, y down, z forward). The 2D rotation above is the
+rotation ``Rz(rotation)`` about the camera's z axis acting on (x, y), so rotating the 3D keypoints and the
+global orientation by ``Rz`` keeps them consistent with the rotated crop under weak perspective. A
+horizontal image flip mirrors the camera frame by ``M_c = diag(-1, 1, 1)``: keypoints become ``M_c kp`` and
+swap left/right (``KEYPOINT_FLIP``), the global orientation becomes ``M_c R0 M_b`` with the body-frame
+mirror ``M_b = diag(1, -1, 1)`` (SMAL's y axis points to the animal's left), and each local joint rotation
+takes its mirror joint's rotation ``M_b R M_b`` (axis-angle ``(ax, ay, az) -> (-ax, ay, -az)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from prf import geometry
+from prf.body.layout import FINE_PART_FLIP, KEYPOINT_FLIP
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEFAULT_CROP_SCALE = 1.25
+
+M_CAMERA_FLIP = np.diag([-1.0, 1.0, 1.0])  # image left/right mirror in the camera frame
+M_BODY_FLIP = np.diag([1.0, -1.0, 1.0])  # left/right mirror in SMAL's body frame (y = animal's left)
+_FINE_PART_FLIP_LUT = np.asarray(FINE_PART_FLIP, dtype=np.uint8)
+_KEYPOINT_FLIP = np.asarray(KEYPOINT_FLIP, dtype=np.int64)
+
+
+def crop_affine(
+    bbox: np.ndarray | list[float],
+    size: int,
+    scale: float = DEFAULT_CROP_SCALE,
+    rotation: float = 0.0,
+    flip: bool = False,
+) -> np.ndarray:
+    """(2, 3) float64 affine A mapping image pixels to crop pixels (``u = A @ [x, y, 1]``).
+
+    Thin numpy wrapper of ``prf.geometry.square_box`` + ``prf.geometry.crop_affine``.
+
+    Args:
+        bbox: (4,) x, y, w, h in pixels (a degenerate box gets a side of at least 1 pixel).
+        size: S, crop side in pixels.
+        scale: box side = scale * max(w, h).
+        rotation: DEGREES, counter-clockwise as displayed (image y down), about the crop centre.
+        flip: mirror the crop left/right (after the rotation).
+    """
+    box = torch.as_tensor(np.asarray(bbox, dtype=np.float64).reshape(1, 4))
+    if not torch.isfinite(box).all() or scale <= 0:
+        raise ValueError(f"bbox must be 4 finite numbers (x, y, w, h) and scale > 0, got {bbox}, {scale}")
+    center_size = geometry.square_box(box, scale)
+    center_size[:, 2] = center_size[:, 2].clamp_min(1.0)
+    affine = geometry.crop_affine(center_size, size, math.radians(rotation), flip)
+    return affine[0].numpy()
+
+
+def apply_affine(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(N, 2) points -> (N, 2) ``affine[:, :2] @ p + affine[:, 2]`` (float64)."""
+    points = np.asarray(points, dtype=np.float64)
+    return points @ affine[:, :2].T + affine[:, 2]
+
+
+def _warp(array: np.ndarray, affine: np.ndarray, size: int, interpolation: int) -> np.ndarray:
+    return cv2.warpAffine(
+        array, affine, (size, size), flags=interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+
+
+def crop_image(
+    image: np.ndarray,
+    bbox: np.ndarray | list[float],
+    size: int,
+    scale: float = DEFAULT_CROP_SCALE,
+    rotation: float = 0.0,
+    flip: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the square crop around ``bbox`` and resize it to ``size`` (the one crop used everywhere).
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        bbox: (4,) x, y, w, h in pixels.
+        size: S in pixels.
+        scale, rotation (degrees), flip: see ``crop_affine``.
+    Returns:
+        crop (S, S, 3) uint8 (zeros outside the image) and the (2, 3) float64 image -> crop affine.
+        A crop much smaller than its box is first area-downsampled (cv2.INTER_AREA) so it does not alias;
+        the returned affine always maps the original image's pixels.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be a (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
+    if size < 1:
+        raise ValueError(f"crop size must be >= 1 pixel, got {size}")
+    affine = crop_affine(bbox, size, scale, rotation, flip)
+    zoom = math.sqrt(abs(np.linalg.det(affine[:, :2])))
+    source, source_affine = image, affine
+    if zoom < 0.5:
+        height, width = image.shape[:2]
+        new_w, new_h = max(1, round(width * 2 * zoom)), max(1, round(height * 2 * zoom))
+        source = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        # cv2.resize maps pixel centres as x_small = (x + 0.5) * f - 0.5.
+        f = np.array([new_w / width, new_h / height])
+        linear = affine[:, :2] / f
+        offset = affine[:, 2] + affine[:, :2] @ (0.5 / f - 0.5)
+        source_affine = np.concatenate([linear, offset[:, None]], axis=1)
+    return _warp(source, source_affine, size, cv2.INTER_LINEAR), affine
+
+
+def crop_mask(mask: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) uint8 label mask -> (size, size) uint8 through ``affine`` (nearest neighbour, 0 outside).
+
+    ``affine`` maps image pixels to an ``S x S`` crop; for another output size pass
+    ``rescale_affine(affine, S, size)``. Labels are not changed (a flipped crop needs ``flip_part_labels``).
+    """
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise ValueError(f"mask must be a (H, W) uint8 array, got {mask.dtype} {mask.shape}")
+    return _warp(mask, affine, size, cv2.INTER_NEAREST)
+
+
+def rescale_affine(affine: np.ndarray, size: int, new_size: int) -> np.ndarray:
+    """The (2, 3) affine of an ``S = size`` crop turned into that of a ``new_size`` crop of the same box
+    (pixel centres at integers: ``u' = (u + 0.5) * new_size / size - 0.5``)."""
+    f = new_size / size
+    out = affine * f
+    out[:, 2] += 0.5 * f - 0.5
+    return out
+
+
+def flip_part_labels(mask: np.ndarray) -> np.ndarray:
+    """Swap left/right fine part labels (FINE_PART_FLIP) of a (H, W) uint8 mask (after a spatial flip)."""
+    return _FINE_PART_FLIP_LUT[mask]
+
+
+def to_normalised(points: np.ndarray, size: int) -> np.ndarray:
+    """(N, 2) crop pixels -> (N, 2) normalised crop coordinates (``(u + 0.5) * 2 / S - 1``)."""
+    return (np.asarray(points, dtype=np.float64) + 0.5) * (2.0 / size) - 1.0
+
+
+def from_normalised(points: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torch.Tensor:
+    """(..., 2) normalised crop coordinates -> crop pixels (``(n + 1) * S / 2 - 0.5``); numpy or torch."""
+    return (points + 1.0) * (size / 2.0) - 0.5
+
+
+def normalise_image(
+    crop: np.ndarray,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """(S, S, 3) uint8 RGB crop -> (3, S, S) float32 ``(x / 255 - mean) / std``."""
+    array = np.asarray(crop, dtype=np.float32) / 255.0
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def colour_jitter(crop: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Random brightness, contrast, saturation and per-channel gain, each within ``1 +- strength``.
+
+    Args:
+        crop: (S, S, 3) uint8 RGB.
+        rng: numpy generator (the dataset's per-item generator).
+        strength: 0 disables; 0.3 is a moderate jitter.
+    Returns:
+        (S, S, 3) uint8.
+    """
+    if strength <= 0:
+        return crop
+    x = crop.astype(np.float32)
+    low, high = 1.0 - strength, 1.0 + strength
+    x = x * rng.uniform(low, high)
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(low, high) + mean
+    grey = x.mean(axis=2, keepdims=True)
+    x = (x - grey) * rng.uniform(low, high) + grey
+    x = x * rng.uniform(1.0 - strength / 3.0, 1.0 + strength / 3.0, size=3).astype(np.float32)
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def rotation_z(degrees: float) -> np.ndarray:
+    """(3, 3) rotation about the camera z axis acting on (x, y) like ``crop_affine(rotation=degrees)``
+    (counter-clockwise as seen with y down)."""
+    theta = math.radians(degrees)
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def rotate_targets(
+    keypoints_3d: np.ndarray, pose_rotmat: np.ndarray, degrees: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate camera-frame targets with the crop: (K, 3) keypoints and (J, 3, 3) pose (only the global
+    orientation, joint 0, changes). Returns new arrays."""
+    rz = rotation_z(degrees)
+    pose = pose_rotmat.copy()
+    pose[0] = rz @ pose[0]
+    return keypoints_3d @ rz.T, pose
+
+
+def flip_keypoints_2d(keypoints: np.ndarray, visibility: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel 2D keypoints after a horizontal image flip: (K, 2) positions already in the flipped crop
+    (the flip is in the crop affine) and (K,) visibility -> swapped left/right (KEYPOINT_FLIP)."""
+    return keypoints[_KEYPOINT_FLIP], visibility[_KEYPOINT_FLIP]
+
+
+def flip_keypoints_3d(keypoints_3d: np.ndarray) -> np.ndarray:
+    """(K, 3) camera-frame keypoints -> their mirror image ``M_c kp`` with left/right swapped."""
+    return (keypoints_3d @ M_CAMERA_FLIP.T)[_KEYPOINT_FLIP]
+
+
+def flip_pose(pose_rotmat: np.ndarray, joint_permutation: np.ndarray) -> np.ndarray:
+    """(J, 3, 3) camera-frame pose -> the pose of the mirrored animal in the mirrored camera.
+
+    Global orientation: ``M_c R0 M_b``. Local joint j: ``M_b R_{perm[j]} M_b`` with ``perm`` from
+    ``prf.body.layout.joint_flip_permutation`` (root's permutation entry must be itself).
+    """
+    perm = np.asarray(joint_permutation, dtype=np.int64)
+    if perm.shape != (pose_rotmat.shape[0],) or perm[0] != 0:
+        raise ValueError(
+            f"joint_permutation must have shape ({pose_rotmat.shape[0]},) and keep the root, got {perm.shape}"
+        )
+    flipped = M_BODY_FLIP @ pose_rotmat[perm] @ M_BODY_FLIP
+    flipped[0] = M_CAMERA_FLIP @ pose_rotmat[0] @ M_BODY_FLIP
+    return flipped
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """One draw of the training augmentation: rotation (degrees), box scale factor, flip, colour seed."""
+
+    rotation: float = 0.0
+    scale_factor: float = 1.0
+    flip: bool = False
+
+
+def sample_augment(
+    rng: np.random.Generator,
+    rotation_deg: float,
+    scale_jitter: float,
+    flip_prob: float,
+    rotation_prob: float = 0.6,
+) -> AugmentParams:
+    """Draw augmentation parameters (PARE style): rotation ~ N(0, rotation_deg / 2) clipped to
+    +- rotation_deg and applied with probability ``rotation_prob``; box scale factor 1 + U(-j, j); flip with
+    probability ``flip_prob``."""
+    rotation = 0.0
+    if rotation_deg > 0 and rng.random() < rotation_prob:
+        rotation = float(np.clip(rng.normal(0.0, rotation_deg / 2.0), -rotation_deg, rotation_deg))
+    factor = 1.0 + float(rng.uniform(-scale_jitter, scale_jitter)) if scale_jitter > 0 else 1.0
+    return AugmentParams(rotation=rotation, scale_factor=factor, flip=bool(rng.random() < flip_prob))

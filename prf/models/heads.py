@@ -1,0 +1,121 @@
+"""Regressor heads: their shared output type, a name -> head registry, and the backbone + head network.
+
+Shape legend: B batch, J joints, NB shape coefficients (betas), C backbone channels, h, w feature-map size,
+P part channels (J, or J + 1 with a background channel first).
+
+Camera convention (both heads): weak perspective ``cam = [s, tx, ty]`` in normalised crop coordinates
+(crop spans [-1, 1]); a 3D point X (metres, camera-aligned frame) projects to ``s * (X[:2] + [tx, ty])``,
+as in HMR / SPIN. ``s ~ 0.9`` means the body roughly fills the crop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prf.models.backbone import Backbone, build_backbone
+
+DEFAULT_CAM_SCALE = 0.9
+
+
+@dataclass
+class RegressorOutput:
+    """What every head returns.
+
+    Attributes:
+        pose_rotmat: (B, J, 3, 3) per-joint rotations relative to the parent (joint 0 = global orientation).
+        betas: (B, NB) SMAL shape coefficients.
+        cam: (B, 3) weak-perspective camera [s, tx, ty] (see module docstring).
+        part_logits: (B, P, h', w') part-segmentation logits (channel 0 = background when there is one,
+            then one channel per joint), or None for heads without a part branch.
+        attention: (B, J, h', w') per-joint spatial attention (sums to 1 over h' x w'), or None.
+    """
+
+    pose_rotmat: torch.Tensor
+    betas: torch.Tensor
+    cam: torch.Tensor
+    part_logits: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+
+def checked_buffer(value: torch.Tensor | None, shape: tuple[int, ...], default: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of ``value`` (or ``default`` when None) after checking that it has ``shape``."""
+    if value is None:
+        return default
+    value = torch.as_tensor(value, dtype=torch.float32)
+    if tuple(value.shape) != shape:
+        raise ValueError(f"expected a tensor of shape {shape}, got {tuple(value.shape)}")
+    return value.clone()
+
+
+HeadFactory = Callable[..., nn.Module]
+HEAD_REGISTRY: dict[str, HeadFactory] = {}
+
+
+def register_head(name: str) -> Callable[[HeadFactory], HeadFactory]:
+    """Class decorator adding a head to ``HEAD_REGISTRY`` under ``name``."""
+
+    def decorate(factory: HeadFactory) -> HeadFactory:
+        if name in HEAD_REGISTRY and HEAD_REGISTRY[name] is not factory:
+            raise ValueError(f"a head named {name!r} is already registered ({HEAD_REGISTRY[name]})")
+        HEAD_REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def _register_builtin_heads() -> None:
+    """Import the built-in head modules so their ``register_head`` decorators run."""
+    from prf.models import hmr, pare  # noqa: F401
+
+
+def build_head(name: str, in_channels: int, num_joints: int, num_betas: int, **kwargs) -> nn.Module:
+    """Build a registered head ("pare", "hmr", ...) for features with ``in_channels`` channels."""
+    _register_builtin_heads()
+    if name not in HEAD_REGISTRY:
+        raise ValueError(f"unknown head {name!r}; registered heads: {sorted(HEAD_REGISTRY)}")
+    return HEAD_REGISTRY[name](in_channels=in_channels, num_joints=num_joints, num_betas=num_betas, **kwargs)
+
+
+class PoseRegressorNet(nn.Module):
+    """Backbone + head: (B, 3, H, W) normalised images -> RegressorOutput."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(backbone, "out_channels"):
+            raise TypeError("backbone must expose out_channels (use prf.models.backbone.build_backbone)")
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> RegressorOutput:
+        """(B, 3, H, W) normalised float images -> RegressorOutput (shapes in its docstring)."""
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(
+                f"expected float images of shape (B, 3, H, W), got {tuple(images.shape)} {images.dtype}"
+            )
+        return self.head(self.backbone(images))
+
+
+def build_regressor_net(
+    arch: str,
+    backbone: str,
+    num_joints: int,
+    num_betas: int,
+    pretrained_path: str | Path | None = None,
+    out_index: int = -1,
+    **head_kwargs,
+) -> PoseRegressorNet:
+    """Build backbone ``backbone`` (timm name) and head ``arch`` ("pare" / "hmr") sized from its channels.
+
+    ``out_index`` picks the backbone's feature level (see ``build_backbone``); ``head_kwargs`` go to the
+    head's constructor.
+    """
+    body: Backbone = build_backbone(backbone, pretrained_path=pretrained_path, out_index=out_index)
+    head = build_head(
+        arch, in_channels=body.out_channels, num_joints=num_joints, num_betas=num_betas, **head_kwargs
+    )
+    return PoseRegressorNet(body, head)
