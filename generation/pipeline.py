@@ -9,7 +9,8 @@ state, while the annotation and the part mask keep the intended state, as a diff
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,7 +133,8 @@ class GenerationPipeline:
     def _sample_betas(self, category: CategoryConfig, rng: np.random.Generator) -> np.ndarray:
         nb = self.model.num_betas
         mean = np.zeros(nb)
-        if self.model.has_family_means and category.supercategory < self.model.family_means.shape[0]:
+        family_means = self.model.family_means
+        if family_means is not None and category.supercategory < family_means.shape[0]:
             mean = self.model.family_mean_betas(category.supercategory).double().numpy()
         elif category.beta_mean:
             k = min(nb, len(category.beta_mean))
@@ -180,10 +182,8 @@ class GenerationPipeline:
         lo, hi = intended.vertices.min(axis=0), intended.vertices.max(axis=0)
         target = torch.as_tensor((lo + hi) / 2.0)[None]
         vp = plan.viewpoint
-        R, t = look_at(
-            torch.tensor([vp["azimuth"]]), torch.tensor([vp["elevation"]]), torch.tensor([vp["theta"]]),
-            torch.tensor([vp["distance"]]), target=target,
-        )  # fmt: skip
+        angles = (vp["azimuth"], vp["elevation"], vp["theta"], vp["distance"])
+        R, t = look_at(*(torch.tensor([v], dtype=torch.float64) for v in angles), target=target)
         R, t = R[0].double().numpy(), t[0].double().numpy()
         size = cfg.image_size
         K = intrinsics(cfg.focal_factor * size, size, size).double().numpy()
@@ -272,8 +272,9 @@ class GenerationPipeline:
         skipped = len(self.indices(shard)) - len(todo)
         shard_label = f"{shard[0]}/{shard[1]}"
         made = 0
+        lookahead = 2 * max(workers, self.backend.preferred_batch_size)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            prepared = pool.map(lambda k: self.prepare(self.plan(k)), todo)
+            prepared = _bounded_map(pool, lambda k: self.prepare(self.plan(k)), todo, lookahead)
             for chunk in _chunks(prepared, self.backend.preferred_batch_size):
                 images = self.backend.generate([p.request for p in chunk])
                 for item, image in zip(chunk, images, strict=True):
@@ -301,6 +302,19 @@ def failure_effect(truth: RenderResult, shown: RenderResult, hidden_part: str | 
         return float(np.sqrt(gone / area))
     shift = np.linalg.norm(truth.keypoints_2d[:, :2] - shown.keypoints_2d[:, :2], axis=1)
     return float(shift.max() / np.sqrt(area))
+
+
+def _bounded_map(
+    pool: ThreadPoolExecutor, func: Callable[[int], PreparedImage], items: list[int], lookahead: int
+) -> Iterator[PreparedImage]:
+    """Like pool.map, in order, but with at most `lookahead` tasks in flight (memory stays bounded)."""
+    pending: deque[Future[PreparedImage]] = deque()
+    for item in items:
+        pending.append(pool.submit(func, item))
+        if len(pending) >= lookahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _chunks(items: Iterator[PreparedImage], size: int) -> Iterator[Sequence[PreparedImage]]:

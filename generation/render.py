@@ -149,28 +149,32 @@ class Renderer:
         shown = faces[face_index]
         size = float(np.linalg.norm(np.ptp(vertices, axis=0))) if len(vertices) else 0.0
 
-        n_pix = width * height
-        face_flat = np.full(n_pix, -1, dtype=np.int64)
-        depth_flat = np.full(n_pix, np.inf)
-        normal_flat = np.zeros((n_pix, 3))
-        point_flat = np.zeros((n_pix, 3))
-        intersector = None
+        shape = (height, width)
+        face_ids = np.full(shape, -1, dtype=np.int32)
+        depth = np.full(shape, np.inf, dtype=np.float32)
+        normals = np.zeros((*shape, 3), dtype=np.float32)
+        normals_world = np.zeros((*shape, 3), dtype=np.float32)
+        hit_points = np.zeros((*shape, 3), dtype=np.float32)
+        shading = np.zeros(shape, dtype=np.float32)
+        intersector: RayMeshIntersector | None = None
         if shown.shape[0]:
             mesh = trimesh.Trimesh(vertices=cam_vertices, faces=shown, process=False, validate=False)
             intersector = RayMeshIntersector(mesh)
-            pix, dirs = self._pixel_rays(K, cam_vertices[np.unique(shown)], width, height)
+            rows, cols, dirs = _pixel_rays(K, cam_vertices[np.unique(shown)], width, height)
             hit = intersector.intersects_first(np.zeros_like(dirs), dirs)
             got = hit >= 0
-            pix, dirs, local = pix[got], dirs[got], hit[got]
+            rows, cols, dirs, local = rows[got], cols[got], dirs[got], hit[got]
             normal, dist = _plane_hits(cam_vertices[shown[local]], dirs)
-            face_flat[pix] = face_index[local]
-            depth_flat[pix] = dist  # rays have z = 1, so the ray parameter is the camera z
-            normal_flat[pix] = normal
-            point_flat[pix] = (dirs * dist[:, None] - t) @ R  # back to world: R^T (x_cam - t)
+            light = np.array([0.0, 0.0, -1.0]) if light_dir is None else R @ _unit(light_dir)
+            face_ids[rows, cols] = face_index[local]
+            depth[rows, cols] = dist  # rays have z = 1, so the ray parameter is the camera z
+            normals[rows, cols] = normal
+            normals_world[rows, cols] = normal @ R  # R^T n, row-wise
+            hit_points[rows, cols] = (dirs * dist[:, None] - t) @ R  # world: R^T (x_cam - t)
+            shading[rows, cols] = self.ambient + (1.0 - self.ambient) * np.clip(normal @ light, 0.0, 1.0)
 
-        silhouette = (face_flat >= 0).reshape(height, width)
-        face_ids = face_flat.reshape(height, width).astype(np.int32)
-        part_fine = np.zeros((height, width), dtype=np.uint8)
+        silhouette = face_ids >= 0
+        part_fine = np.zeros(shape, dtype=np.uint8)
         part_fine[silhouette] = labels[face_ids[silhouette]]
         part_coarse = np.zeros_like(part_fine)
         if fine_to_coarse is not None:
@@ -178,110 +182,101 @@ class Renderer:
             lut[: len(fine_to_coarse)] = np.asarray(fine_to_coarse, dtype=np.uint8)
             part_coarse = lut[part_fine]
 
-        light_cam = (
-            np.array([0.0, 0.0, -1.0]) if light_dir is None else R @ _unit(np.asarray(light_dir, float))
-        )
-        lambert = np.clip(normal_flat @ light_cam, 0.0, 1.0)
-        shading = np.where(face_flat >= 0, self.ambient + (1.0 - self.ambient) * lambert, 0.0)
-        normals = normal_flat.reshape(height, width, 3)
-
-        kp3 = (
-            np.zeros((0, 3))
-            if keypoints_3d is None
-            else _check_array("keypoints_3d", keypoints_3d, (None, 3))
-        )
-        kp2 = self._keypoints(
-            kp3.astype(np.float64), K, R, t, width, height, intersector, shown, cam_vertices, size
-        )
+        kp3 = np.zeros((0, 3)) if keypoints_3d is None else np.asarray(keypoints_3d, dtype=np.float64)
+        kp3 = _check_array("keypoints_3d", kp3, (None, 3))
+        tol = max(self.occlusion_tolerance, self.occlusion_tolerance_frac * size)
+        occluder = _Occluder(intersector, cam_vertices[shown])
+        kp2 = _project_keypoints(kp3 @ R.T + t, K, width, height, occluder, tol)
         return RenderResult(
-            shading=shading.reshape(height, width).astype(np.float32),
-            normals=normals.astype(np.float32),
-            normals_world=(normals @ R).astype(np.float32),  # R^T n, row-wise
+            shading=shading,
+            normals=normals,
+            normals_world=normals_world,
             silhouette=silhouette,
-            depth=depth_flat.reshape(height, width).astype(np.float32),
+            depth=depth,
             face_ids=face_ids,
             part_fine=part_fine,
             part_coarse=part_coarse,
-            hit_points=point_flat.reshape(height, width, 3).astype(np.float32),
+            hit_points=hit_points,
             keypoints_2d=kp2,
             keypoints_3d=kp3.astype(np.float32),
             bbox=bbox_of_mask(silhouette),
             object_size=size,
         )
 
-    @staticmethod
-    def _pixel_rays(
-        K: np.ndarray, cam_points: np.ndarray, width: int, height: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Flat pixel indices (M,) and ray directions (M,3) (z = 1) of the pixels that can see the mesh.
 
-        Only pixels inside the projected bounding box of the mesh are cast; when part of the mesh is at or
-        behind the camera plane every pixel is cast.
-        """
-        u0, v0, u1, v1 = 0, 0, width - 1, height - 1
-        z = cam_points[:, 2]
-        if np.all(z > 1e-9):
-            uvw = cam_points @ K.T
-            uv = uvw[:, :2] / uvw[:, 2:3]
-            lo = np.floor(uv.min(axis=0) - 1.0).astype(np.int64)
-            hi = np.ceil(uv.max(axis=0) + 1.0).astype(np.int64)
-            u0, v0 = max(u0, lo[0]), max(v0, lo[1])
-            u1, v1 = min(u1, hi[0]), min(v1, hi[1])
-        if u1 < u0 or v1 < v0:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, 3))
-        uu, vv = np.meshgrid(np.arange(u0, u1 + 1), np.arange(v0, v1 + 1))
-        pix = (vv * width + uu).reshape(-1)
-        homog = np.stack([uu, vv, np.ones_like(uu)], axis=-1).reshape(-1, 3).astype(np.float64)
-        dirs = homog @ np.linalg.inv(K).T
-        return pix, dirs / dirs[:, 2:3]
+def _pixel_rays(
+    K: np.ndarray, cam_points: np.ndarray, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (M,), columns (M,) and ray directions (M,3) (z = 1) of the pixels that can see the mesh.
 
-    def _keypoints(
-        self,
-        kp: np.ndarray,
-        K: np.ndarray,
-        R: np.ndarray,
-        t: np.ndarray,
-        width: int,
-        height: int,
-        intersector: RayMeshIntersector | None,
-        shown: np.ndarray,
-        cam_vertices: np.ndarray,
-        size: float,
-    ) -> np.ndarray:
-        """(N,3) float32 [x, y, visibility]: pinhole projection, visible = in frame, in front, unoccluded."""
-        out = np.zeros((kp.shape[0], 3), dtype=np.float32)
-        if kp.shape[0] == 0:
+    Only pixels inside the projected bounding box of the mesh's points cam_points (P,3) are cast; when a
+    point is at or behind the camera plane every pixel is cast.
+    """
+    u0, v0, u1, v1 = 0, 0, width - 1, height - 1
+    if np.all(cam_points[:, 2] > 1e-9):
+        uvw = cam_points @ K.T
+        uv = uvw[:, :2] / uvw[:, 2:3]
+        lo = np.floor(uv.min(axis=0) - 1.0).astype(np.int64)
+        hi = np.ceil(uv.max(axis=0) + 1.0).astype(np.int64)
+        u0, v0 = max(u0, int(lo[0])), max(v0, int(lo[1]))
+        u1, v1 = min(u1, int(hi[0])), min(v1, int(hi[1]))
+    if u1 < u0 or v1 < v0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros((0, 3))
+    vv, uu = np.mgrid[v0 : v1 + 1, u0 : u1 + 1]
+    rows, cols = vv.reshape(-1), uu.reshape(-1)
+    homog = np.stack([cols, rows, np.ones_like(cols)], axis=1).astype(np.float64)
+    dirs = homog @ np.linalg.inv(K).T
+    return rows, cols, dirs / dirs[:, 2:3]
+
+
+class _Occluder:
+    """Distances along camera rays to the first surface: rays from the camera centre, unit dirs (M,3)."""
+
+    def __init__(self, intersector: RayMeshIntersector | None, triangles: np.ndarray) -> None:
+        self.intersector = intersector
+        self.triangles = triangles  # (F',3,3) camera-space corners of the shown faces
+
+    def first_hit_distance(self, dirs: np.ndarray) -> np.ndarray:
+        """(M,) metres to the first hit along each ray, inf where a ray hits nothing."""
+        out = np.full(dirs.shape[0], np.inf)
+        if self.intersector is None or dirs.shape[0] == 0:
             return out
-        cam = kp @ R.T + t
-        uvw = cam @ K.T
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xy = uvw[:, :2] / uvw[:, 2:3]
-        front = cam[:, 2] > 1e-9
-        inside = (
-            front
-            & (xy[:, 0] >= -0.5)
-            & (xy[:, 0] < width - 0.5)
-            & (xy[:, 1] >= -0.5)
-            & (xy[:, 1] < height - 0.5)
-        )
-        visible = inside.copy()
-        idx = np.flatnonzero(inside)
-        if intersector is not None and idx.size:
-            dist = np.linalg.norm(cam[idx], axis=1)
-            dirs = cam[idx] / dist[:, None]
-            hit = intersector.intersects_first(np.zeros_like(dirs), dirs)
-            got = hit >= 0
-            _, hit_dist = _plane_hits(cam_vertices[shown[hit[got]]], dirs[got])
-            tol = max(self.occlusion_tolerance, self.occlusion_tolerance_frac * size)
-            occluded = np.zeros(idx.size, dtype=bool)
-            occluded[got] = hit_dist < dist[got] - tol
-            visible[idx] = ~occluded
-        out[:, :2] = np.nan_to_num(xy)  # behind the camera: the formula's value, still a projection
-        out[:, 2] = visible.astype(np.float32)
+        hit = self.intersector.intersects_first(np.zeros_like(dirs), dirs)
+        got = hit >= 0
+        out[got] = _plane_hits(self.triangles[hit[got]], dirs[got])[1]
         return out
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
+def _project_keypoints(
+    cam: np.ndarray, K: np.ndarray, width: int, height: int, occluder: _Occluder, tolerance: float
+) -> np.ndarray:
+    """(N,3) float32 [x, y, visibility] of camera-space keypoints cam (N,3).
+
+    x, y: the pinhole projection (also for invisible keypoints; behind the camera the formula's value).
+    visibility 1 when in front of the camera, inside the image ([-0.5, W - 0.5) x [-0.5, H - 0.5)) and
+    not occluded: the first surface on the camera ray is not closer than the keypoint minus `tolerance`.
+    """
+    out = np.zeros((cam.shape[0], 3), dtype=np.float32)
+    if cam.shape[0] == 0:
+        return out
+    uvw = cam @ K.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xy = uvw[:, :2] / uvw[:, 2:3]
+    x, y = xy[:, 0], xy[:, 1]
+    visible = (cam[:, 2] > 1e-9) & (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
+    idx = np.flatnonzero(visible)
+    if idx.size:
+        dist = np.linalg.norm(cam[idx], axis=1)
+        first = occluder.first_hit_distance(cam[idx] / dist[:, None])
+        visible[idx] = first >= dist - tolerance
+    out[:, :2] = np.nan_to_num(xy)
+    out[:, 2] = visible
+    return out
+
+
+def _unit(value: np.ndarray) -> np.ndarray:
+    v = np.asarray(value, dtype=np.float64)
     norm = float(np.linalg.norm(v))
     if v.shape != (3,) or norm == 0.0:
         raise ValueError(f"render: light_dir must be a non-zero (3,) vector, got {v!r}")

@@ -132,9 +132,9 @@ def generate(
     settings.update({k: v for k, v in optional.items() if v is not None})
     backend_options = dict(settings.get("backend_options") or {})  # type: ignore[arg-type]
     if model_path is not None:
-        backend_options["model_path"] = str(model_path)
+        backend_options["base_model"] = str(model_path)
     if controlnet_path is not None:
-        backend_options["controlnet_path"] = str(controlnet_path)
+        backend_options["controlnet_model"] = str(controlnet_path)
     settings["backend_options"] = backend_options
     run_generate(out, settings, shard=parse_shard(shard), workers=workers, animal3d_json=animal3d_json)
 

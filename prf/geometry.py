@@ -59,6 +59,11 @@ def _common_dtype(*xs: object) -> torch.dtype:
     return dtype
 
 
+def _as(x: object, dtype: torch.dtype) -> Tensor:
+    """x as a tensor of dtype; Python numbers are converted directly (no float32 detour)."""
+    return x.to(dtype) if isinstance(x, Tensor) else torch.as_tensor(x, dtype=dtype)
+
+
 def _check(name: str, x: Tensor, shape: tuple[int | None, ...]) -> None:
     """Raise a ValueError unless x has len(shape) dims matching shape (None = any size)."""
     if x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape, strict=True)):
@@ -76,7 +81,8 @@ def intrinsics(focal: float, width: Number, height: Number, dtype: torch.dtype |
     Returns:
         K (3, 3) in pixels.
     """
-    return intrinsics_batch(torch.tensor([float(focal)]), width, height, dtype)[0]
+    dtype = dtype or torch.get_default_dtype()
+    return intrinsics_batch(torch.tensor([float(focal)], dtype=dtype), width, height, dtype)[0]
 
 
 def intrinsics_batch(
@@ -120,12 +126,8 @@ def look_at(
         R (B, 3, 3) and t (B, 3) with x_cam = R X + t; the target lands at (0, 0, distance) in the camera.
     """
     dtype = _common_dtype(azimuth, elevation, theta, distance, target)
-    az, el, th, dist = (
-        torch.as_tensor(v).to(dtype).reshape(-1) for v in (azimuth, elevation, theta, distance)
-    )
-    tgt = (
-        torch.zeros(3, dtype=dtype, device=az.device) if target is None else torch.as_tensor(target).to(dtype)
-    )
+    az, el, th, dist = (_as(v, dtype).reshape(-1) for v in (azimuth, elevation, theta, distance))
+    tgt = torch.zeros(3, dtype=dtype, device=az.device) if target is None else _as(target, dtype)
     if tgt.shape[-1:] != (3,) or tgt.dim() > 2:
         raise ValueError(f"target must have shape (3,) or (B, 3), got {tuple(tgt.shape)}")
     b = torch.broadcast_shapes(az.shape, el.shape, th.shape, dist.shape, tgt.reshape(-1, 3).shape[:1])[0]
@@ -166,7 +168,7 @@ def viewpoint_from_extrinsics(
         azimuth, elevation, theta in radians and distance in metres, each (B,).
     """
     centre = camera_center(R, t)
-    tgt = torch.zeros_like(centre) if target is None else torch.as_tensor(target).to(centre).expand_as(centre)
+    tgt = torch.zeros_like(centre) if target is None else _as(target, centre.dtype).expand_as(centre)
     forward = R[:, 2]
     az = torch.atan2(-forward[:, 1], -forward[:, 0])
     el = torch.atan2(-forward[:, 2], torch.linalg.vector_norm(forward[:, :2], dim=-1))

@@ -78,6 +78,13 @@ def _all_zero(*xs: Tensor) -> Tensor:
     return bad
 
 
+def _no_spread(x: Tensor) -> Tensor:
+    """(B,) bool: the points of a row (B, N, D) all sit at one place (up to round-off), or hold NaN/inf."""
+    safe = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    spread = (safe - safe.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
+    return spread <= (256 * torch.finfo(x.dtype).eps) ** 2 * safe.pow(2).sum(dim=(1, 2))
+
+
 def _nan_where(bad: Tensor, value: Tensor) -> Tensor:
     """Set the rows of `value` (leading dim B) flagged in `bad` (B,) to NaN."""
     shape = (-1,) + (1,) * (value.dim() - 1)
@@ -164,12 +171,7 @@ def pa_aligned(pred: Tensor, target: Tensor) -> Tensor:
     _check_pair(pred, target, dims=(3,))
     n = pred.shape[1]
     bad = _bad_rows(pred, target)
-    for x in (pred, target):
-        safe = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-        centred = safe - safe.mean(dim=1, keepdim=True)
-        spread = centred.pow(2).sum(dim=(1, 2))
-        reference = safe.pow(2).sum(dim=(1, 2))
-        bad |= spread <= torch.finfo(x.dtype).eps ** 2 * reference
+    bad = bad | _no_spread(pred) | _no_spread(target)
     stand_in = _stand_in_points(n, 3, pred.device)
     p = _sanitise(bad, pred, stand_in)
     q = _sanitise(bad, target, stand_in)
@@ -214,7 +216,7 @@ def s_mpjpe(pred: Tensor, target: Tensor) -> Tensor:
     p = pred - pred.mean(dim=1, keepdim=True)
     q = target - target.mean(dim=1, keepdim=True)
     pp = p.pow(2).sum(dim=(1, 2))
-    bad = bad | ~(pp > 0)
+    bad = bad | _no_spread(pred)
     s = (p * q).sum(dim=(1, 2)) / torch.where(bad, torch.ones_like(pp), pp)
     err = torch.linalg.vector_norm(s[:, None, None] * p - q, dim=-1).mean(dim=1)
     return _nan_where(bad, err)

@@ -165,7 +165,11 @@ def sweep(
     idx = np.arange(n_st * ring_size).reshape(n_st, ring_size)
     a, b = idx[:-1], np.roll(idx[:-1], -1, axis=1)
     c, d = idx[1:], np.roll(idx[1:], -1, axis=1)
-    quads = np.concatenate([np.stack([a, c, b], -1).reshape(-1, 3), np.stack([b, c, d], -1).reshape(-1, 3)])
+    # Quads on the side half (k < N/2) split along b-c, the others along a-d: mirror-symmetric triangles.
+    half = (np.arange(ring_size) < ring_size // 2)[None, :, None]
+    tri1 = np.where(half, np.stack([a, c, b], -1), np.stack([a, c, d], -1)).reshape(-1, 3)
+    tri2 = np.where(half, np.stack([b, c, d], -1), np.stack([a, d, b], -1)).reshape(-1, 3)
+    quads = np.concatenate([tri1, tri2])
     ia, ib = n_st * ring_size, n_st * ring_size + 1
     first, last = idx[0], idx[-1]
     fan_a = np.stack([np.full(ring_size, ia), first, np.roll(first, -1)], -1)

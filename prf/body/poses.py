@@ -22,6 +22,8 @@ import numpy as np
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from prf.body.layout import JOINT_NAMES_35
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pose_sampler.yaml"
 
 LEG_JOINTS: dict[str, tuple[str, ...]] = {
@@ -190,12 +192,20 @@ class PoseSampler:
         self.legs = leg_joint_indices(self.joint_names)
         self.mode_names = MODE_NAMES
         self._cum = np.cumsum(config.probabilities())
-        # Jitter per joint, degrees: the spine and tail chains share theirs so a chain's total bend stays small.
+        # Jitter per joint, degrees: spine and tail chains share theirs so a chain's total bend stays small.
         self.jitter_deg = np.full(self.num_joints, config.jitter_deg)
         for chain in (SPINE_JOINTS, TAIL_JOINTS):
             present = [self.index[n] for n in chain if n in self.index]
             self.jitter_deg[present] = config.jitter_deg / max(len(present), 1)
         self.jitter_deg[0] = 0.0
+        # Jitter slot of each joint: SMAL names use their 35-layout index (so 33- and 35-joint layouts draw
+        # the same jitter for the joints they share); any other name gets a slot of its own after those.
+        smal = {n: i for i, n in enumerate(JOINT_NAMES_35)}
+        n_smal = len(JOINT_NAMES_35)
+        others = [n for n in self.joint_names if n not in smal]
+        slot = {**smal, **{n: n_smal + k for k, n in enumerate(others)}}
+        self._jitter_slot = np.array([slot[n] for n in self.joint_names])
+        self._extra_slots = len(others)
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """(n, J, 3) axis-angle poses, radians; the same (n, seed) always gives the same poses."""
@@ -208,8 +218,10 @@ class PoseSampler:
         """
         if n < 0:
             raise ValueError(f"number of poses must be >= 0, got {n}")
-        rng = np.random.default_rng(seed)
-        u = rng.random((n, 1 + self._PARAM_COLUMNS + 3 * self.num_joints))
+        u = np.random.default_rng(seed).random((n, 1 + self._PARAM_COLUMNS + 3 * len(JOINT_NAMES_35)))
+        if self._extra_slots:  # joints outside SMAL's names draw from a second stream, same seed
+            extra = np.random.default_rng([seed, 1]).random((n, 3 * self._extra_slots))
+            u = np.concatenate([u, extra], axis=1)
         mode = np.minimum(np.searchsorted(self._cum, u[:, 0], side="right"), len(MODE_NAMES) - 1)
         deg = np.zeros((n, self.num_joints, 3))
         fill = {
@@ -225,8 +237,8 @@ class PoseSampler:
                 cfg = getattr(self.config.modes, name)
                 draws = _Draws(u[sel, 1 : 1 + self._PARAM_COLUMNS])
                 deg[sel] = fill[name](cfg, draws, sel.size)
-        jitter = (2.0 * u[:, 1 + self._PARAM_COLUMNS :] - 1.0).reshape(n, self.num_joints, 3)
-        deg += jitter * self.jitter_deg[None, :, None]
+        jitter = (2.0 * u[:, 1 + self._PARAM_COLUMNS :] - 1.0).reshape(n, -1, 3)
+        deg += jitter[:, self._jitter_slot] * self.jitter_deg[None, :, None]
         deg[:, 0] = 0.0
         return np.deg2rad(deg), np.array(MODE_NAMES)[mode]
 

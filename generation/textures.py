@@ -1,0 +1,372 @@
+"""Procedural appearance for the built-in `render` backend: a weight-free stand-in for diffusion.
+
+`synthesize_image` paints a `RenderResult` into an (H, W, 3) uint8 RGB picture: a coat colour per animal
+with smooth per-part variation, surface-attached mottling, optional stripes / spots, darker paws, lighter
+muzzle and belly, streaky fur noise, the render's Lambert shading, a random background (procedural or a
+photo), then optional blur, sensor noise and JPEG compression. Every random number comes from the `rng`
+argument, so an image is a pure function of (render, seed, style).
+
+Left/right parts always share their colour (real animals do not tell left from right by colour), and part
+colour changes are blurred across part borders so the picture does not spell out the part labels.
+
+Colours are float RGB in [0, 1] inside this module. Patterns live on the surface: they are functions of the
+world hit points (metres, divided by the object size), not of pixel positions, so they follow the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from generation.render import RenderResult
+from prf.body.layout import FINE_PARTS
+
+Colour = tuple[float, float, float]
+Range = tuple[float, float]
+BACKGROUND_KINDS = ("gradient", "noise", "blobs", "ground_sky")
+PAW_KEYPOINTS = (3, 4, 5, 6)  # Animal3D's 26-keypoint layout: the four paws
+MUZZLE_KEYPOINTS = (22, 23, 24)  # mouth corners and nose
+
+
+@dataclass(frozen=True)
+class AppearanceStyle:
+    """Explicit knobs of the procedural appearance; build one with `synthetic()` or `realistic_standin()`.
+
+    Probabilities are per image. Ranges are (low, high), drawn uniformly per image. Strengths are relative
+    amplitudes (0 = off). noise_std is in units of the full 0..1 intensity range; fur_length and
+    edge_feather are fractions of the image's short side and pixels.
+    """
+
+    name: str
+    coat_palette: tuple[Colour, ...]
+    coat_jitter: float
+    part_variation: float
+    mottle_strength: float
+    fur_strength: float
+    fur_length: float
+    stripe_prob: float
+    spot_prob: float
+    paw_dark_prob: float
+    muzzle_light_prob: float
+    belly_light_prob: float
+    saturation: Range
+    shading_gamma: Range
+    light_tint: float
+    background_weights: tuple[float, float, float, float]
+    background_saturation: Range
+    background_detail: float
+    photo_background_prob: float
+    shadow_prob: float
+    edge_feather: float
+    blur_prob: float
+    blur_sigma: Range
+    noise_std: Range
+    jpeg_prob: float
+    jpeg_quality: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if not self.coat_palette:
+            raise ValueError(f"AppearanceStyle {self.name!r}: coat_palette must not be empty")
+        for field in ("stripe_prob", "spot_prob", "paw_dark_prob", "muzzle_light_prob", "belly_light_prob",
+                      "photo_background_prob", "shadow_prob", "blur_prob", "jpeg_prob"):  # fmt: skip
+            if not 0.0 <= getattr(self, field) <= 1.0:
+                raise ValueError(f"AppearanceStyle {self.name!r}: {field} must be a probability in [0, 1]")
+        for field in ("saturation", "shading_gamma", "background_saturation", "blur_sigma", "noise_std"):
+            low, high = getattr(self, field)
+            if not 0.0 <= low <= high:
+                raise ValueError(f"AppearanceStyle {self.name!r}: {field} must satisfy 0 <= low <= high")
+        if len(self.background_weights) != len(BACKGROUND_KINDS) or sum(self.background_weights) <= 0:
+            raise ValueError(f"AppearanceStyle {self.name!r}: background_weights needs 4 weights, sum > 0")
+        if not 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100:
+            raise ValueError(
+                f"AppearanceStyle {self.name!r}: jpeg_quality must satisfy 1 <= low <= high <= 100"
+            )
+
+    @classmethod
+    def synthetic(cls) -> AppearanceStyle:
+        """The default: natural coat colours, clean smooth backgrounds, soft light, little degradation."""
+        return cls(
+            name="synthetic",
+            coat_palette=((0.78, 0.60, 0.40), (0.50, 0.33, 0.18), (0.28, 0.19, 0.12), (0.58, 0.57, 0.55),
+                          (0.14, 0.12, 0.11), (0.90, 0.84, 0.70), (0.86, 0.52, 0.22), (0.93, 0.92, 0.90)),
+            coat_jitter=0.05, part_variation=0.08, mottle_strength=0.12, fur_strength=0.10, fur_length=0.03,
+            stripe_prob=0.15, spot_prob=0.15, paw_dark_prob=0.3, muzzle_light_prob=0.3, belly_light_prob=0.4,
+            saturation=(0.9, 1.2), shading_gamma=(0.8, 1.1), light_tint=0.04,
+            background_weights=(0.3, 0.2, 0.3, 0.2), background_saturation=(0.2, 0.6), background_detail=0.03,
+            photo_background_prob=0.5, shadow_prob=0.6, edge_feather=0.6,
+            blur_prob=0.1, blur_sigma=(0.4, 0.8), noise_std=(0.0, 0.01), jpeg_prob=0.0, jpeg_quality=(90, 95),
+        )  # fmt: skip
+
+    @classmethod
+    def realistic_standin(cls) -> AppearanceStyle:
+        """A visibly different "stand-in real" look: muted earthy / slate palette, textured photo-like
+        backgrounds, harsh contrasty light, more sensor noise, blur and JPEG artefacts."""
+        return cls(
+            name="realistic_standin",
+            coat_palette=((0.45, 0.43, 0.36), (0.36, 0.38, 0.42), (0.64, 0.59, 0.52), (0.22, 0.21, 0.22),
+                          (0.55, 0.36, 0.26), (0.72, 0.66, 0.54), (0.40, 0.30, 0.25)),
+            coat_jitter=0.07, part_variation=0.12, mottle_strength=0.25, fur_strength=0.22, fur_length=0.05,
+            stripe_prob=0.1, spot_prob=0.25, paw_dark_prob=0.5, muzzle_light_prob=0.4, belly_light_prob=0.5,
+            saturation=(0.45, 0.8), shading_gamma=(1.4, 2.2), light_tint=0.10,
+            background_weights=(0.05, 0.45, 0.15, 0.35), background_saturation=(0.1, 0.35),
+            background_detail=0.18, photo_background_prob=0.9, shadow_prob=0.8, edge_feather=0.9,
+            blur_prob=0.5, blur_sigma=(0.5, 1.2), noise_std=(0.02, 0.05),
+            jpeg_prob=0.8, jpeg_quality=(35, 75),
+        )  # fmt: skip
+
+
+def part_tints(rng: np.random.Generator, variation: float) -> np.ndarray:
+    """(P,) brightness factor per fine part (P = len(FINE_PARTS)); mirror parts share theirs.
+
+    Head and ears share one factor and the four legs another (so left and right never differ).
+    """
+    groups = {"head": 0, "left_ear": 0, "right_ear": 0, "neck": 1, "torso": 2, "tail": 3}
+    factors = 1.0 + variation * rng.uniform(-1.0, 1.0, size=5)
+    tints = np.ones(len(FINE_PARTS))
+    for index, name in enumerate(FINE_PARTS):
+        if name != "background":
+            tints[index] = factors[groups.get(name, 4)]
+    return tints
+
+
+def synthesize_image(
+    render: RenderResult,
+    rng: np.random.Generator,
+    style: AppearanceStyle,
+    backgrounds: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB picture of `render` (H, W its size) in `style`; backgrounds: optional photos
+    (any size, (h, w, 3) uint8 RGB) to draw backgrounds from. Deterministic given the rng state."""
+    height, width = render.silhouette.shape
+    image = _background(rng, style, height, width, backgrounds)
+    sil = render.silhouette
+    if rng.random() < style.shadow_prob and sil.any():
+        image *= 1.0 - _contact_shadow(rng, sil)[..., None]
+    if sil.any():
+        rows, cols = np.nonzero(sil)
+        colour = _animal_colours(render, rows, cols, rng, style)
+        alpha = np.ones(rows.size, dtype=np.float32)
+        if style.edge_feather > 0:
+            soft = cv2.GaussianBlur(sil.astype(np.float32), (0, 0), style.edge_feather)
+            alpha = np.clip(2.0 * soft[rows, cols] - 0.5, 0.0, 1.0)  # inward only: the edge pixels
+        image[rows, cols] = alpha[:, None] * colour + (1.0 - alpha[:, None]) * image[rows, cols]
+    return _degrade(np.clip(image, 0.0, 1.0), rng, style)
+
+
+# -- the animal ------------------------------------------------------------------------------------------
+def _animal_colours(
+    render: RenderResult, rows: np.ndarray, cols: np.ndarray, rng: np.random.Generator, style: AppearanceStyle
+) -> np.ndarray:
+    """(M, 3) shaded colours of the silhouette pixels (rows, cols)."""
+    height, width = render.silhouette.shape
+    size = render.object_size if render.object_size > 0 else 1.0
+    surface = render.hit_points[rows, cols].astype(np.float64) / size  # (M, 3) in object sizes
+    points = surface + rng.uniform(0, 50, size=3)  # a random place on the noise lattice
+    base = np.asarray(style.coat_palette[int(rng.integers(len(style.coat_palette)))])
+    base = np.clip(base + style.coat_jitter * rng.standard_normal(3), 0.03, 0.97)
+    dark, light = base * rng.uniform(0.2, 0.45), base + (1.0 - base) * rng.uniform(0.4, 0.7)
+    noise = _Noise3(rng)
+
+    tint_map = np.zeros((height, width), dtype=np.float32)
+    tint_map[rows, cols] = part_tints(rng, style.part_variation)[render.part_fine[rows, cols]]
+    tint = _masked_blur(tint_map, render.silhouette, 0.03 * min(height, width))[rows, cols]
+    mottle = 1.0 + style.mottle_strength * (2.0 * noise(points * rng.uniform(3, 6)) - 1.0)
+    albedo = base[None, :] * (tint * mottle)[:, None]
+
+    if rng.random() < style.stripe_prob:
+        axis = np.array([1.0, 0.0, rng.uniform(-0.4, 0.4)])
+        phase = points @ axis * rng.uniform(7, 13) + 1.2 * noise(points * 3.0)
+        albedo = _mix(albedo, dark, _smoothstep(0.6, 0.8, 0.5 + 0.5 * np.sin(2 * np.pi * phase)))
+    if rng.random() < style.spot_prob:
+        albedo = _mix(albedo, dark, 0.85 * _smoothstep(0.66, 0.74, noise(points * rng.uniform(9, 16))))
+    keypoints = render.keypoints_3d.astype(np.float64) / size
+    has_keypoints = keypoints.shape[0] > max(*PAW_KEYPOINTS, *MUZZLE_KEYPOINTS)
+    if has_keypoints and rng.random() < style.paw_dark_prob:
+        near = _nearest_distance(surface, keypoints[list(PAW_KEYPOINTS)])
+        albedo = _mix(albedo, dark, 0.8 * (1.0 - _smoothstep(0.05, 0.1, near)))
+    if has_keypoints and rng.random() < style.muzzle_light_prob:
+        near = _nearest_distance(surface, keypoints[list(MUZZLE_KEYPOINTS)])
+        albedo = _mix(albedo, light, 0.7 * (1.0 - _smoothstep(0.03, 0.07, near)))
+    if rng.random() < style.belly_light_prob:
+        below = -render.normals_world[rows, cols, 2]
+        albedo = _mix(albedo, light, 0.7 * _smoothstep(0.2, 0.7, below))
+
+    fur = _fur(rng, height, width, style.fur_length * min(height, width))[rows, cols]
+    albedo *= (1.0 + style.fur_strength * fur)[:, None]
+    grey = albedo.mean(axis=1, keepdims=True)
+    albedo = grey + rng.uniform(*style.saturation) * (albedo - grey)
+
+    shade = render.shading[rows, cols].astype(np.float64) ** rng.uniform(*style.shading_gamma)
+    light_colour = 1.0 + style.light_tint * rng.standard_normal(3)
+    return np.clip(albedo * shade[:, None] * light_colour * rng.uniform(1.0, 1.2), 0.0, 1.0).astype(
+        np.float32
+    )
+
+
+class _Noise3:
+    """Smooth 3D value noise in [0, 1] on an integer lattice, with random lattice values from the rng."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        perm = rng.permutation(256)
+        self.perm = np.concatenate([perm, perm])
+        self.values = rng.random(256)
+
+    def __call__(self, points: np.ndarray) -> np.ndarray:
+        """(M,) noise at points (M, 3) (lattice units)."""
+        cell = np.floor(points)
+        frac = points - cell
+        w = frac * frac * (3.0 - 2.0 * frac)
+        i = cell.astype(np.int64) & 255
+        out = np.zeros(points.shape[0])
+        for dx in (0, 1):
+            px = self.perm[(i[:, 0] + dx) & 255]
+            wx = w[:, 0] if dx else 1.0 - w[:, 0]
+            for dy in (0, 1):
+                py = self.perm[px + ((i[:, 1] + dy) & 255)]
+                wy = wx * (w[:, 1] if dy else 1.0 - w[:, 1])
+                for dz in (0, 1):
+                    corner = self.values[self.perm[py + ((i[:, 2] + dz) & 255)]]
+                    out += corner * wy * (w[:, 2] if dz else 1.0 - w[:, 2])
+        return out
+
+
+def _fur(rng: np.random.Generator, height: int, width: int, length: float) -> np.ndarray:
+    """(H, W) zero-mean, unit-std streaky noise: white noise smeared along one random direction."""
+    noise = rng.standard_normal((height, width), dtype=np.float32)
+    size = max(3, round(float(length)) | 1)
+    kernel = np.zeros((size, size), dtype=np.float32)
+    angle, half = rng.uniform(0, np.pi), (size - 1) / 2.0
+    end = (round(half + half * float(np.cos(angle))), round(half + half * float(np.sin(angle))))
+    start = (size - 1 - end[0], size - 1 - end[1])
+    cv2.line(kernel, start, end, 1.0, 1)
+    streaks = cv2.filter2D(noise, -1, kernel / kernel.sum())
+    return streaks / max(float(streaks.std()), 1e-6)
+
+
+def _masked_blur(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """(H, W) Gaussian blur of values over the mask only (normalised by the blurred mask)."""
+    m = mask.astype(np.float32)
+    num = cv2.GaussianBlur(values * m, (0, 0), sigma)
+    den = cv2.GaussianBlur(m, (0, 0), sigma)
+    return num / np.maximum(den, 1e-6)
+
+
+def _nearest_distance(points: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(M,) distance from each of points (M, 3) to the nearest of targets (T, 3)."""
+    return np.sqrt(((points[:, None, :] - targets[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
+
+
+def _smoothstep(lo: float, hi: float, x: np.ndarray) -> np.ndarray:
+    s = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    return s * s * (3.0 - 2.0 * s)
+
+
+def _mix(colours: np.ndarray, target: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """(M, 3) colours moved towards target (3,) by weight (M,) in [0, 1]."""
+    return colours + weight[:, None] * (target[None, :] - colours)
+
+
+# -- backgrounds, shadow, degradation ---------------------------------------------------------------------
+def _random_colour(rng: np.random.Generator, saturation: Range, value: Range = (0.25, 0.95)) -> np.ndarray:
+    """(3,) RGB from a random hue and the given saturation / value ranges."""
+    hsv = np.array([[[rng.uniform(0, 180), 255 * rng.uniform(*saturation), 255 * rng.uniform(*value)]]])
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32) / 255.0
+
+
+def _fractal(rng: np.random.Generator, height: int, width: int, cells: int, octaves: int) -> np.ndarray:
+    """(H, W) float32 value noise in about [0, 1]: `octaves` layers from `cells` lattice cells, 1/f."""
+    out = np.zeros((height, width), dtype=np.float32)
+    total = 0.0
+    for octave in range(octaves):
+        n = cells * 2**octave
+        grid = rng.random((n + 1, n + 1)).astype(np.float32)
+        out += 0.5**octave * cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
+        total += 0.5**octave
+    return np.clip(out / total, 0.0, 1.0)
+
+
+def _background(
+    rng: np.random.Generator,
+    style: AppearanceStyle,
+    height: int,
+    width: int,
+    photos: Sequence[np.ndarray] | None,
+) -> np.ndarray:
+    """(H, W, 3) float32 background: a photo crop or one of BACKGROUND_KINDS, plus fine texture."""
+    if photos and rng.random() < style.photo_background_prob:
+        return _photo_crop(rng, photos[int(rng.integers(len(photos)))], height, width)
+    weights = np.asarray(style.background_weights, dtype=np.float64)
+    kind = BACKGROUND_KINDS[int(rng.choice(len(weights), p=weights / weights.sum()))]
+    c0, c1 = (_random_colour(rng, style.background_saturation) for _ in range(2))
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    if kind == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = np.cos(angle) * xx / width + np.sin(angle) * yy / height
+        level = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
+    elif kind == "noise":
+        level = _fractal(rng, height, width, int(rng.integers(2, 6)), 4)
+    elif kind == "blobs":
+        level = cv2.GaussianBlur(
+            _fractal(rng, height, width, int(rng.integers(2, 5)), 1), (0, 0), 0.05 * width
+        )
+        level = (level - level.min()) / max(float(np.ptp(level)), 1e-6)
+    else:
+        horizon = height * rng.uniform(0.25, 0.65) + (xx - width / 2) * rng.uniform(-0.15, 0.15)
+        ground = yy > horizon
+        sky = np.clip((horizon - yy) / max(height, 1), 0, 1) * 0.6
+        level = np.where(ground, 0.6 + 0.4 * _fractal(rng, height, width, 8, 3), sky)
+    image = c0[None, None, :] + level[..., None] * (c1 - c0)[None, None, :]
+    detail = _fractal(rng, height, width, max(4, width // 8), 2) - 0.5
+    return (image * (1.0 + 2.0 * style.background_detail * detail[..., None])).astype(np.float32)
+
+
+def _photo_crop(rng: np.random.Generator, photo: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) float32: a random crop (same aspect as the output) of an RGB photo, maybe mirrored."""
+    photo = np.asarray(photo)
+    if photo.ndim != 3 or photo.shape[2] != 3 or photo.dtype != np.uint8:
+        raise ValueError(f"background photos must be (h, w, 3) uint8 RGB, got {photo.shape} {photo.dtype}")
+    ph, pw = photo.shape[:2]
+    scale = rng.uniform(0.5, 1.0) * min(ph / height, pw / width)
+    ch, cw = max(1, int(height * scale)), max(1, int(width * scale))
+    y0, x0 = int(rng.integers(ph - ch + 1)), int(rng.integers(pw - cw + 1))
+    crop = photo[y0 : y0 + ch, x0 : x0 + cw]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    out = cv2.resize(np.ascontiguousarray(crop), (width, height), interpolation=cv2.INTER_AREA)
+    return out.astype(np.float32) / 255.0
+
+
+def _contact_shadow(rng: np.random.Generator, silhouette: np.ndarray) -> np.ndarray:
+    """(H, W) float32 shadow strength in [0, 1): the silhouette squashed, shifted down and blurred."""
+    height, width = silhouette.shape
+    rows = np.flatnonzero(silhouette.any(axis=1))
+    bottom, extent = rows[-1], rows[-1] - rows[0] + 1
+    squash = rng.uniform(0.15, 0.35)
+    matrix = np.float32([[1, 0, rng.uniform(-0.1, 0.1) * extent], [0, squash, (1 - squash) * bottom]])
+    shadow = cv2.warpAffine(silhouette.astype(np.float32), matrix, (width, height))
+    shadow = cv2.GaussianBlur(shadow, (0, 0), max(1.0, 0.04 * extent))
+    return (rng.uniform(0.2, 0.45) * shadow).astype(np.float32)
+
+
+def _degrade(image: np.ndarray, rng: np.random.Generator, style: AppearanceStyle) -> np.ndarray:
+    """(H, W, 3) uint8 from float RGB in [0, 1]: optional blur, sensor noise and JPEG round trip."""
+    if rng.random() < style.blur_prob:
+        image = cv2.GaussianBlur(image, (0, 0), rng.uniform(*style.blur_sigma))
+    std = rng.uniform(*style.noise_std)
+    if std > 0:
+        height, width = image.shape[:2]
+        luma = rng.standard_normal((height, width), dtype=np.float32)
+        chroma = rng.standard_normal((max(1, height // 4), max(1, width // 4), 3), dtype=np.float32)
+        chroma = cv2.resize(chroma, (width, height), interpolation=cv2.INTER_LINEAR)
+        image = image + std * (luma[..., None] + 0.5 * chroma)
+    out = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if rng.random() < style.jpeg_prob:
+        quality = int(rng.integers(style.jpeg_quality[0], style.jpeg_quality[1] + 1))
+        ok, buf = cv2.imencode(".jpg", out[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise RuntimeError("JPEG encoding failed in the appearance degradation step")
+        out = np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1])
+    return out

@@ -1,0 +1,144 @@
+"""Training losses of the SMAL regressors (PARE / HMR), each a small function, and their weighted sum.
+
+Legend: B batch, K = 26 keypoints, J joints, NB betas, F fine parts (``FINE_PARTS``, 0 = background),
+P part channels of the head (J, or J + 1 with the background first), h, w part-map size, S' mask side.
+
+Units: 2D keypoints in normalised crop coordinates [-1, 1]; 3D keypoints in metres (root-relative at the
+tail base, ``ROOT_KEYPOINT``); rotations as (3, 3) matrices; the camera scale s in normalised units / metre.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from prf.body.layout import FINE_PARTS, ROOT_KEYPOINT, fine_part_of_joint
+
+IGNORE = -100  # cross-entropy ignore index
+
+
+class LossConfig(BaseModel):
+    """Weights of the loss terms (0 disables a term)."""
+
+    model_config = ConfigDict(extra="forbid")
+    keypoints_2d: float = Field(2.0, ge=0.0)
+    keypoints_3d: float = Field(1.0, ge=0.0)
+    pose: float = Field(1.0, ge=0.0)
+    betas: float = Field(0.1, ge=0.0)
+    parts: float = Field(0.1, ge=0.0)
+    cam_prior: float = Field(1.0, ge=0.0)
+
+
+def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """sum(w v) / sum(w) with 0 when nothing counts (keeps the graph)."""
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def keypoint_2d_loss(pred: Tensor, target: Tensor, visibility: Tensor) -> Tensor:
+    """L1 over visible keypoints: pred, target (B, K, 2) normalised; visibility (B, K) -> () mean per coord."""
+    per_point = (pred - target).abs().sum(dim=-1) / 2.0
+    return _masked_mean(per_point, visibility)
+
+
+def keypoint_3d_loss(pred: Tensor, target: Tensor, has_3d: Tensor, root: int = ROOT_KEYPOINT) -> Tensor:
+    """L1 of root-relative 3D keypoints (metres): pred, target (B, K, 3); has_3d (B,) -> ()."""
+    pred_rel = pred - pred[:, root : root + 1]
+    target_rel = target - target[:, root : root + 1]
+    per_sample = (pred_rel - target_rel).abs().mean(dim=(1, 2))
+    return _masked_mean(per_sample, has_3d)
+
+
+def pose_loss(pred: Tensor, target: Tensor, has_3d: Tensor) -> Tensor:
+    """MSE of rotation matrices (global orientation included): (B, J, 3, 3) each; has_3d (B,) -> ()."""
+    per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    return _masked_mean(per_sample, has_3d)
+
+
+def betas_loss(pred: Tensor, target: Tensor, has_3d: Tensor) -> Tensor:
+    """MSE of shape coefficients: (B, NB) each; has_3d (B,) -> ()."""
+    return _masked_mean((pred - target).pow(2).mean(dim=1), has_3d)
+
+
+def cam_prior_loss(cam: Tensor) -> Tensor:
+    """Keeps the weak-perspective scale away from 0 (PARE's prior): mean(exp(-10 s)^2); cam (B, 3) -> ()."""
+    return torch.exp(-10.0 * cam[:, 0]).pow(2).mean()
+
+
+def part_membership(joint_names: Sequence[str]) -> Tensor:
+    """(F, J) bool: joint j's attention channel belongs to fine part f (``fine_part_of_joint``)."""
+    member = torch.zeros(len(FINE_PARTS), len(joint_names), dtype=torch.bool)
+    for j, name in enumerate(joint_names):
+        member[fine_part_of_joint(name), j] = True
+    return member
+
+
+def part_segmentation_loss(
+    part_logits: Tensor, part_mask: Tensor, has_parts: Tensor, membership: Tensor
+) -> Tensor:
+    """Cross-entropy of fine part labels at the part-map resolution.
+
+    The logit of fine part f is the logsumexp of its joints' channels (so its probability is the summed
+    probability of its joints); background is channel 0 when the head has one (P = J + 1). Pixels of a
+    part without any joint (e.g. ears for a 33-joint SMAL), of samples without part labels, and background
+    pixels when the head has no background channel, are ignored.
+
+    Args:
+        part_logits: (B, P, h, w); part_mask: (B, S', S') int64 fine labels; has_parts: (B,);
+        membership: (F, J) bool from ``part_membership``.
+    Returns:
+        () mean over counted pixels (0 when none counts).
+    """
+    B, P, h, w = part_logits.shape
+    J = membership.shape[1]
+    if P not in (J, J + 1):
+        raise ValueError(f"part_logits has {P} channels; expected {J} joints or {J + 1} (with background)")
+    joint_logits = part_logits[:, P - J :]
+    log_member = torch.where(membership, 0.0, float("-inf")).to(part_logits)  # (F, J)
+    fine = torch.logsumexp(joint_logits[:, None] + log_member[None, :, :, None, None], dim=2)  # (B, F, h, w)
+    has_joint = membership.any(dim=1)
+    if P == J + 1:
+        fine[:, 0] = part_logits[:, 0]
+        has_joint = has_joint.clone()
+        has_joint[0] = True
+    fine = torch.where(has_joint[None, :, None, None], fine, torch.full_like(fine, -1e4))
+    labels = F.interpolate(part_mask[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+    counted = has_joint.to(labels.device)[labels] & (has_parts[:, None, None] > 0)
+    labels = torch.where(counted, labels, torch.full_like(labels, IGNORE))
+    if not bool(counted.any()):
+        return part_logits.sum() * 0.0
+    return F.cross_entropy(fine, labels, ignore_index=IGNORE)
+
+
+class RegressorLoss(nn.Module):
+    """Weighted sum of the terms above.
+
+    ``forward(pred, batch)`` takes the regressor's outputs (``pose``, ``betas``, ``cam``, ``part_logits``,
+    ``keypoints_3d``, ``keypoints_2d``) and a data batch (``prf.data.datamodule`` item keys) and returns
+    (total, {term: value}) with unweighted term values (detached) for logging.
+    """
+
+    def __init__(self, config: LossConfig, joint_names: Sequence[str]) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("membership", part_membership(joint_names), persistent=False)
+
+    def forward(self, pred: dict[str, Tensor | None], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        c = self.config
+        has_3d = batch["has_3d"]
+        terms: dict[str, Tensor] = {
+            "keypoints_2d": keypoint_2d_loss(pred["keypoints_2d"], batch["kp2d"], batch["vis"]),
+            "keypoints_3d": keypoint_3d_loss(pred["keypoints_3d"], batch["kp3d"], has_3d),
+            "pose": pose_loss(pred["pose"], batch["pose"], has_3d),
+            "betas": betas_loss(pred["betas"], batch["betas"], has_3d),
+            "cam_prior": cam_prior_loss(pred["cam"]),
+        }
+        if pred.get("part_logits") is not None and c.parts > 0:
+            terms["parts"] = part_segmentation_loss(
+                pred["part_logits"], batch["part_mask"], batch["has_parts"], self.membership
+            )
+        total = sum(getattr(c, name) * value for name, value in terms.items())
+        return total, {name: value.detach() for name, value in terms.items()}

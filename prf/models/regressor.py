@@ -1,0 +1,258 @@
+"""The regressor LightningModule: a PoseRegressorNet (PARE or HMR head) with the SMAL layer in the loop.
+
+Legend: B batch, S crop side, K = 26 keypoints, J joints, NB betas.
+
+Prediction convention (shared with ``prf.predictor``): SMAL is posed with the predicted betas and rotations
+(joint 0 = global orientation in the camera frame, OpenCV axes) and ``trans = 0``; the 3D keypoints are
+taken relative to the root joint (metres, camera-aligned). 2D keypoints are their weak-perspective
+projection ``n = s * (X_xy + [tx, ty])`` (``prf.geometry.project_weak_perspective``) in normalised crop
+coordinates [-1, 1]; crop pixels are ``(n + 1) * S / 2 - 0.5`` (pixel centres at integers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from prf import metrics
+from prf.body.layout import fine_part_of_joint
+from prf.body.model_data import SMALModelData
+from prf.body.smal import SMAL
+from prf.checkpoint import check_layout
+from prf.data.transforms import from_normalised
+from prf.geometry import project_weak_perspective
+from prf.models.losses import LossConfig, RegressorLoss
+
+LAYOUT_KEY = "prf_smal_layout"
+VAL_METRICS = ("pa_mpjpe", "s_mpjpe", "pck_0.1", "pck_0.15")
+
+
+class OptimConfig(BaseModel):
+    """Optimiser and schedule: Adam / AdamW, a linear warm-up, then cosine decay to ``min_lr_ratio * lr``
+    over the run's steps, or a step decay (``gamma`` every ``step_epochs``), or a constant rate."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    schedule: Literal["cosine", "step", "none"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    step_epochs: int = Field(30, ge=1)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+
+def keypoint_only_smal(smal: SMAL) -> SMAL:
+    """A SMAL layer posing only what the regressor needs: the 26 keypoints' vertices and the joints.
+
+    Exact: the reduced model keeps the keypoint vertices (their template, shape and pose-corrective
+    directions and skinning weights) and adds one virtual vertex per joint at the joint's regressed rest
+    position (with the joint regressor's shape directions), regressing each joint from its own virtual
+    vertex. Joints and keypoints equal the full model's; posing costs ~V/100 of the full mesh.
+    """
+    if smal.keypoint_regressor is None:
+        raise ValueError(
+            f"SMAL model {smal.name!r} has no keypoint vertex groups, so the 26 keypoints the regressor is "
+            "trained on are undefined; use a model with keypoint groups (the built-in one or a 3889-vertex SMAL)"
+        )
+    kp_reg = smal.keypoint_regressor.detach().double().cpu().numpy()
+    keep = np.flatnonzero(np.abs(kp_reg).sum(axis=0) > 0)
+    n, J, V = keep.size, smal.num_joints, smal.num_vertices
+    j_reg = smal.J_regressor.detach().double().cpu().numpy()
+    v_template = smal.v_template.detach().double().cpu().numpy()
+    shapedirs = smal.shapedirs.detach().double().cpu().numpy()
+    posedirs = smal.posedirs.detach().double().cpu().numpy().T.reshape(V, 3, -1)
+    weights = smal.lbs_weights.detach().double().cpu().numpy()
+    data = SMALModelData(
+        v_template=np.concatenate([v_template[keep], j_reg @ v_template]),
+        shapedirs=np.concatenate([shapedirs[keep], np.einsum("jv,vcb->jcb", j_reg, shapedirs)]),
+        posedirs=np.concatenate([posedirs[keep], np.zeros((J, 3, posedirs.shape[2]))]),
+        j_regressor=np.concatenate([np.zeros((J, n)), np.eye(J)], axis=1),
+        weights=np.concatenate([weights[keep], np.eye(J)]),
+        parents=smal.parents.detach().cpu().numpy(),
+        faces=np.zeros((0, 3), dtype=np.int64),
+        joint_names=list(smal.joint_names),
+        part_labels=np.array(
+            [*smal.part_labels[keep].tolist(), *(fine_part_of_joint(j) for j in smal.joint_names)]
+        ),
+        name=f"{smal.name}:keypoints",
+    )
+    reduced = SMAL(data, dtype=smal.v_template.dtype)
+    reduced.keypoint_regressor = torch.cat(
+        [torch.as_tensor(kp_reg[:, keep]), torch.zeros(kp_reg.shape[0], J, dtype=torch.float64)], dim=1
+    ).to(smal.v_template.dtype)
+    return reduced
+
+
+def run_regressor(net: nn.Module, body: SMAL, images: Tensor) -> dict[str, Tensor | None]:
+    """Net + SMAL in the loop: (B, 3, S, S) normalised crops -> predictions.
+
+    Returns a dict: ``pose`` (B, J, 3, 3), ``betas`` (B, NB), ``cam`` (B, 3) [s, tx, ty], ``part_logits``
+    (B, P, h, w) or None, ``keypoints_3d`` (B, K, 3) metres root-relative camera-aligned, ``keypoints_2d``
+    (B, K, 2) normalised crop coordinates (see the module docstring).
+    """
+    out = net(images)
+    posed = body(betas=out.betas, pose=out.pose_rotmat)
+    keypoints_3d = posed.keypoints - posed.joints[:, :1]
+    return {
+        "pose": out.pose_rotmat,
+        "betas": out.betas,
+        "cam": out.cam,
+        "part_logits": out.part_logits,
+        "keypoints_3d": keypoints_3d,
+        "keypoints_2d": project_weak_perspective(keypoints_3d, out.cam),
+    }
+
+
+def batch_metrics(pred: dict[str, Tensor | None], batch: dict[str, Tensor], input_size: int) -> dict[str, Tensor]:
+    """Per-sample PA-MPJPE and S-MPJPE ("mm", rows without 3D are NaN) and PCK@0.1 / @0.15 (crop pixels,
+    sqrt-mask-area normaliser), each (B,)."""
+    pred3d = pred["keypoints_3d"].detach().double() * 1000.0
+    target3d = batch["kp3d"].double() * 1000.0
+    no_3d = batch["has_3d"] <= 0
+    nan = torch.full_like(pred3d[:, 0, 0], float("nan"))
+    out = {
+        "pa_mpjpe": torch.where(no_3d, nan, metrics.pa_mpjpe(pred3d, target3d)),
+        "s_mpjpe": torch.where(no_3d, nan, metrics.s_mpjpe(pred3d, target3d)),
+    }
+    pred2d = from_normalised(pred["keypoints_2d"].detach().double(), input_size)
+    target2d = from_normalised(batch["kp2d"].double(), input_size)
+    norm = batch["mask_norm"].double()
+    for alpha in (0.1, 0.15):
+        out[f"pck_{alpha}"] = metrics.pck(pred2d, target2d, batch["vis"], alpha, norm)
+    return out
+
+
+class RegressorModule(pl.LightningModule):
+    """LightningModule around a built PoseRegressorNet and a SMAL layer.
+
+    Args:
+        net: the PoseRegressorNet (``prf.models.heads.build_regressor_net``).
+        smal: the body model the data was made with (built-in or a SMAL file); its layout is recorded in
+            every checkpoint, and a checkpoint for another layout is refused on load.
+        loss: loss weights; optim: optimiser and schedule.
+        input_size: crop side S in pixels (for PCK in crop pixels).
+        hparams: extra plain-typed values saved with the checkpoint's hyper-parameters (e.g. the config).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        smal: SMAL,
+        loss: LossConfig | None = None,
+        optim: OptimConfig | None = None,
+        input_size: int = 128,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.smal_layout = smal.layout_signature()
+        self.body = keypoint_only_smal(smal)
+        self.loss_config = loss or LossConfig()
+        self.optim_config = optim or OptimConfig()
+        self.input_size = input_size
+        self.criterion = RegressorLoss(self.loss_config, smal.joint_names)
+        self.save_hyperparameters(
+            {
+                "loss": self.loss_config.model_dump(),
+                "optim": self.optim_config.model_dump(),
+                "input_size": input_size,
+                **(hparams or {}),
+            }
+        )
+        self.eval_metrics = nn.ModuleDict(
+            {
+                stage: nn.ModuleDict({name.replace(".", "_"): torchmetrics.MeanMetric() for name in VAL_METRICS})
+                for stage in ("val", "test")
+            }
+        )
+
+    def forward(self, images: Tensor) -> dict[str, Tensor | None]:
+        """(B, 3, S, S) normalised crops -> ``run_regressor`` outputs."""
+        return run_regressor(self.net, self.body, images)
+
+    def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        pred = self(batch["image"])
+        total, terms = self.criterion(pred, batch)
+        size = batch["image"].shape[0]
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", total.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size)
+        for name, value in terms.items():
+            self.log(f"{stage}/loss_{name}", value, on_step=False, on_epoch=True, batch_size=size)
+        if stage in self.eval_metrics:
+            for name, values in batch_metrics(pred, batch, self.input_size).items():
+                metric = self.eval_metrics[stage][name.replace(".", "_")]
+                finite = values[torch.isfinite(values)]
+                if finite.numel():
+                    metric.update(finite.float())
+                self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "pck_0.15")
+        return total
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """A batch (dict with ``image``, or a (B, 3, S, S) tensor) -> predictions on the CPU (no part logits),
+        with ``keypoints_2d_crop`` (B, K, 2) in crop pixels added."""
+        images = batch["image"] if isinstance(batch, dict) else batch
+        pred = self(images)
+        out = {k: v.detach().cpu() for k, v in pred.items() if v is not None and k != "part_logits"}
+        out["keypoints_2d_crop"] = from_normalised(out["keypoints_2d"], self.input_size)
+        return out
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_config
+        params = [p for p in self.parameters() if p.requires_grad]
+        optim_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        optimizer = optim_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_epochs, gamma=cfg.gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+        lr_lambda = _warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio, cfg.schedule == "cosine")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[LAYOUT_KEY] = self.smal_layout
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trained = checkpoint.get(LAYOUT_KEY)
+        if trained is None:
+            raise ValueError(
+                "this Lightning checkpoint records no SMAL layout; it was not written by prf's RegressorModule"
+            )
+        check_layout(trained, self.smal_layout, "the checkpoint")
+
+
+def _warmup_cosine(warmup: int, total: int, min_ratio: float, cosine: bool):
+    """LR factor per step: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio`` (or constant)."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def joint_names_of(smal: SMAL) -> Sequence[str]:
+    """The SMAL layer's joint names (for the data module's flip permutation)."""
+    return list(smal.joint_names)
