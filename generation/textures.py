@@ -172,7 +172,7 @@ def _animal_colours(
 
     tint_map = np.zeros((height, width), dtype=np.float32)
     tint_map[rows, cols] = part_tints(rng, style.part_variation)[render.part_fine[rows, cols]]
-    tint = _masked_blur(tint_map, render.silhouette, 0.03 * min(height, width))[rows, cols]
+    tint = _masked_smooth(tint_map, render.silhouette, 0.03 * min(height, width))[rows, cols]
     mottle = 1.0 + style.mottle_strength * (2.0 * noise(points * rng.uniform(3, 6)) - 1.0)
     albedo = base[None, :] * (tint * mottle)[:, None]
 
@@ -246,12 +246,11 @@ def _fur(rng: np.random.Generator, height: int, width: int, length: float) -> np
     return streaks / max(float(streaks.std()), 1e-6)
 
 
-def _masked_blur(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+def _masked_smooth(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
     """(H, W) Gaussian blur of values over the mask only (normalised by the blurred mask)."""
     m = mask.astype(np.float32)
-    num = cv2.GaussianBlur(values * m, (0, 0), sigma)
-    den = cv2.GaussianBlur(m, (0, 0), sigma)
-    return num / np.maximum(den, 1e-6)
+    both = _smooth(np.dstack([values * m, m]), sigma)
+    return both[..., 0] / np.maximum(both[..., 1], 1e-6)
 
 
 def _nearest_distance(points: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -277,15 +276,33 @@ def _random_colour(rng: np.random.Generator, saturation: Range, value: Range = (
 
 
 def _fractal(rng: np.random.Generator, height: int, width: int, cells: int, octaves: int) -> np.ndarray:
-    """(H, W) float32 value noise in about [0, 1]: `octaves` layers from `cells` lattice cells, 1/f."""
+    """(H, W) float32 value noise in [0, 1]: `octaves` layers, the first with `cells` cells on the long
+    side, each next one twice as fine and half as strong (1/f, like natural textures)."""
     out = np.zeros((height, width), dtype=np.float32)
     total = 0.0
     for octave in range(octaves):
         n = cells * 2**octave
-        grid = rng.random((n + 1, n + 1)).astype(np.float32)
-        out += 0.5**octave * cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
+        shape = (
+            max(2, round(n * height / max(height, width))) + 1,
+            max(2, round(n * width / max(height, width))) + 1,
+        )
+        grid = rng.random(shape, dtype=np.float32)
+        out += np.float32(0.5**octave) * cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
         total += 0.5**octave
-    return np.clip(out / total, 0.0, 1.0)
+    return np.clip(out / np.float32(total), 0.0, 1.0)
+
+
+def _smooth(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur with a large sigma (pixels), computed at a reduced resolution (the result is smooth)."""
+    height, width = image.shape[:2]
+    factor = max(1, int(sigma // 2))
+    if factor == 1:
+        return cv2.GaussianBlur(image, (0, 0), sigma)
+    small = cv2.resize(
+        image, (max(1, width // factor), max(1, height // factor)), interpolation=cv2.INTER_AREA
+    )
+    small = cv2.GaussianBlur(small, (0, 0), sigma / factor)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def _background(
@@ -301,26 +318,44 @@ def _background(
     weights = np.asarray(style.background_weights, dtype=np.float64)
     kind = BACKGROUND_KINDS[int(rng.choice(len(weights), p=weights / weights.sum()))]
     c0, c1 = (_random_colour(rng, style.background_saturation) for _ in range(2))
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]  # (H, 1) image fractions
+    xx = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]  # (1, W)
     if kind == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
-        ramp = np.cos(angle) * xx / width + np.sin(angle) * yy / height
+        ramp = np.float32(np.cos(angle)) * xx + np.float32(np.sin(angle)) * yy
         level = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
     elif kind == "noise":
         level = _fractal(rng, height, width, int(rng.integers(2, 6)), 4)
     elif kind == "blobs":
-        level = cv2.GaussianBlur(
-            _fractal(rng, height, width, int(rng.integers(2, 5)), 1), (0, 0), 0.05 * width
+        return _blobs(rng, style, height, width, c0) * (
+            1.0 + style.background_detail * _detail(rng, height, width)
         )
-        level = (level - level.min()) / max(float(np.ptp(level)), 1e-6)
     else:
-        horizon = height * rng.uniform(0.25, 0.65) + (xx - width / 2) * rng.uniform(-0.15, 0.15)
-        ground = yy > horizon
-        sky = np.clip((horizon - yy) / max(height, 1), 0, 1) * 0.6
-        level = np.where(ground, 0.6 + 0.4 * _fractal(rng, height, width, 8, 3), sky)
+        horizon = rng.uniform(0.25, 0.65) + (xx - 0.5) * np.float32(rng.uniform(-0.15, 0.15))
+        ground = 0.6 + 0.4 * _fractal(rng, height, width, 8, 3) * (0.5 + yy)
+        level = np.where(yy > horizon, ground, 0.6 * np.clip(horizon - yy, 0.0, 1.0))
     image = c0[None, None, :] + level[..., None] * (c1 - c0)[None, None, :]
-    detail = _fractal(rng, height, width, max(4, width // 8), 2) - 0.5
-    return (image * (1.0 + 2.0 * style.background_detail * detail[..., None])).astype(np.float32)
+    return image * (1.0 + style.background_detail * _detail(rng, height, width))
+
+
+def _detail(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(H, W, 1) float32 fine texture in [-1, 1] (photo-like grain and clutter)."""
+    return (2.0 * _fractal(rng, height, width, max(4, max(height, width) // 8), 2) - 1.0)[..., None]
+
+
+def _blobs(
+    rng: np.random.Generator, style: AppearanceStyle, height: int, width: int, base: np.ndarray
+) -> np.ndarray:
+    """(H, W, 3) float32: soft out-of-focus discs of random colours over a base colour."""
+    small_h, small_w = max(8, height // 8), max(8, width // 8)
+    canvas = np.empty((small_h, small_w, 3), dtype=np.float32)
+    canvas[:] = base
+    for _ in range(int(rng.integers(3, 9))):
+        centre = (int(rng.integers(small_w)), int(rng.integers(small_h)))
+        radius = int(rng.integers(2, max(3, min(small_h, small_w) // 3)))
+        cv2.circle(canvas, centre, radius, _random_colour(rng, style.background_saturation).tolist(), -1)
+    canvas = cv2.GaussianBlur(canvas, (0, 0), 0.08 * max(small_h, small_w))
+    return cv2.resize(canvas, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
 def _photo_crop(rng: np.random.Generator, photo: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -347,7 +382,7 @@ def _contact_shadow(rng: np.random.Generator, silhouette: np.ndarray) -> np.ndar
     squash = rng.uniform(0.15, 0.35)
     matrix = np.float32([[1, 0, rng.uniform(-0.1, 0.1) * extent], [0, squash, (1 - squash) * bottom]])
     shadow = cv2.warpAffine(silhouette.astype(np.float32), matrix, (width, height))
-    shadow = cv2.GaussianBlur(shadow, (0, 0), max(1.0, 0.04 * extent))
+    shadow = _smooth(shadow, max(1.0, 0.04 * extent))
     return (rng.uniform(0.2, 0.45) * shadow).astype(np.float32)
 
 

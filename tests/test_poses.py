@@ -127,7 +127,7 @@ def test_walking_and_standing_paws_stay_below_the_body() -> None:
         # Left paws stay left of the right paws: no leg crosses under the body.
         for end in ("front", "back"):
             gap = kp[:, KP[f"left_{end}_paw"], 1] - kp[:, KP[f"right_{end}_paw"], 1]
-            assert (gap > 0.12).all(), (mode, end)
+            assert (gap > 0.06).all(), (mode, end)
 
 
 def test_sitting_folds_the_hind_legs_and_lifts_the_front() -> None:
@@ -135,7 +135,7 @@ def test_sitting_folds_the_hind_legs_and_lifts_the_front() -> None:
     rest, _ = posed_keypoints(data, np.zeros((1, 35, 3)))
     kp, _ = posed_keypoints(data, PoseSampler(only_mode("sitting"), data.joint_names).sample(10, seed=4))
     assert (kp[:, KP["left_back_paw"], 2] > rest[0, KP["left_back_paw"], 2] + 0.15).all()
-    assert (kp[:, KP["left_eye"], 2] > rest[0, KP["left_eye"], 2] + 0.25).all()  # trunk pitched up
+    assert (kp[:, KP["left_eye"], 2] > rest[0, KP["left_eye"], 2] + 0.12).all()  # trunk pitched up
     assert (kp[:, KP["left_front_paw"], 2] < kp[:, KP["left_shoulder"], 2] - 0.3).all()  # front legs down
 
 

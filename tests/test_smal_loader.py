@@ -153,7 +153,7 @@ def test_arbitrary_classes_are_refused(tmp_path: Path):
         load_pickle_restricted(path)
     # allowed callables are still guarded against abuse
     path.write_bytes(b"ccopy_reg\n_reconstructor\n(cnumpy\nndarray\nc__builtin__\nobject\nNtR.")
-    with pytest.raises(ForbiddenPickleClass, match="_reconstructor"):
+    with pytest.raises(ForbiddenPickleClass, match=r"ordered\.pkl: copy_reg\._reconstructor"):
         load_pickle_restricted(path)
     path.write_bytes(b"c_codecs\nencode\n(S'abc'\nS'rot13'\ntR.")
     with pytest.raises(ForbiddenPickleClass, match="rot13"):
@@ -246,3 +246,20 @@ def test_builtin_model_exports_and_reads_back(tmp_path: Path):
     assert loaded.name == data.name and loaded.beta_names == data.beta_names
     pose = 0.1 * torch.randn(1, data.num_joints, 3)
     torch.testing.assert_close(SMAL(loaded)(pose=pose).vertices, SMAL(data)(pose=pose).vertices)
+
+
+def test_npy_dict_loads_and_is_restricted(tmp_path: Path):
+    path = tmp_path / "ann.npy"
+    np.save(path, {"pose": np.arange(105.0), "prompt": "a dog", "seed": 7}, allow_pickle=True)
+    loaded = load_pickle_restricted(path)
+    np.testing.assert_array_equal(loaded["pose"], np.arange(105.0))
+    assert loaded["prompt"] == "a dog" and loaded["seed"] == 7
+
+    evil = tmp_path / "evil.npy"
+    np.save(evil, {"x": OrderedDict(a=1)}, allow_pickle=True)
+    with pytest.raises(ForbiddenPickleClass, match=r"collections\.OrderedDict"):
+        load_pickle_restricted(evil)
+    plain = tmp_path / "plain.npy"
+    np.save(plain, np.zeros(3))
+    with pytest.raises(SMALFileError, match="expected a pickled dict"):
+        load_pickle_restricted(plain)

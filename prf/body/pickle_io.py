@@ -24,7 +24,6 @@ Legend: V vertices, F faces, J joints, NB shape betas, P = (J-1)*9, K shape fami
 from __future__ import annotations
 
 import copyreg
-import io
 import os
 import pickle
 from pathlib import Path
@@ -41,11 +40,11 @@ if TYPE_CHECKING:
 __all__ = [
     "ChumpyStandIn",
     "ForbiddenPickleClass",
+    "RestrictedUnpickler",
     "SMALFileError",
     "SMALFileNotFoundError",
     "load_pickle_restricted",
     "load_smal_model_data",
-    "loads_restricted",
     "save_smal_pickle",
 ]
 
@@ -236,11 +235,27 @@ def _convert(obj: Any, memo: dict[int, Any]) -> Any:
     return out
 
 
+def _read_npy_header(fh: Any, src: str) -> np.dtype:
+    """Skip a .npy header (parsed by numpy without unpickling) and return the array's dtype."""
+    import numpy.lib.format as npy_format
+
+    version = npy_format.read_magic(fh)
+    if version == (1, 0):
+        _, _, dtype = npy_format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        _, _, dtype = npy_format.read_array_header_2_0(fh)
+    else:
+        raise SMALFileError(f"{src}: unsupported .npy format version {version}")
+    return dtype
+
+
 def load_pickle_restricted(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a (Python 2 or 3) pickle holding a dict of numpy / scipy.sparse / chumpy values, safely.
 
     Chumpy arrays come back as numpy arrays, sparse matrices as scipy.sparse objects, Python-2 ``str`` as
-    ``str`` (latin-1). Used for SMAL model files, the shape-family file and 3D-DST annotation dicts.
+    ``str`` (latin-1). A ``.npy`` file holding a pickled dict (``np.save(path, a_dict)``, as 3D-DST
+    annotations are stored) is read the same way. Used for SMAL model files, the shape-family file and
+    annotation dicts.
 
     Raises:
         SMALFileNotFoundError: no such file.
@@ -248,23 +263,26 @@ def load_pickle_restricted(path: str | os.PathLike[str]) -> dict[str, Any]:
         SMALFileError: not a readable pickle, or its top-level object is not a dict.
     """
     path = Path(path)
+    src = str(path)
     if not path.is_file():
-        raise SMALFileNotFoundError(f"{path}: no such file (give the path of a SMAL-format .pkl file)")
+        raise SMALFileNotFoundError(f"{src}: no such file (give the path of a SMAL-format .pkl file)")
     try:
         with path.open("rb") as fh:
-            obj = RestrictedUnpickler(fh, source=str(path)).load()
-    except SMALFileError:
-        raise
+            is_npy = fh.read(6) == b"\x93NUMPY"
+            fh.seek(0)
+            if is_npy and (dtype := _read_npy_header(fh, src)).kind != "O":
+                raise SMALFileError(f"{src}: a .npy file of dtype {dtype}, expected a pickled dict")
+            obj = RestrictedUnpickler(fh, source=src).load()
+    except SMALFileError as err:
+        if str(err).startswith(src):
+            raise
+        raise type(err)(f"{src}: {err}") from err
     except Exception as err:
-        raise SMALFileError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from err
+        raise SMALFileError(f"{src}: not a readable pickle ({type(err).__name__}: {err})") from err
+    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
+        obj = obj.item()
     if not isinstance(obj, dict):
-        raise SMALFileError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
-    return _convert(obj, {})
-
-
-def loads_restricted(data: bytes, source: str = "<bytes>") -> Any:
-    """Unpickle bytes with the same allow-list as `load_pickle_restricted` (any top-level type)."""
-    obj = RestrictedUnpickler(io.BytesIO(data), source=source).load()
+        raise SMALFileError(f"{src}: expected a pickled dict, found {type(obj).__name__}")
     return _convert(obj, {})
 
 

@@ -169,6 +169,8 @@ class _Draws:
         self.u, self.next = u, 0
 
     def __call__(self, r: tuple[float, float]) -> np.ndarray:
+        if self.next >= self.u.shape[1]:
+            raise RuntimeError("pose sampler: a mode draws more parameters than PoseSampler reserves columns")
         col = self.u[:, self.next]
         self.next += 1
         return r[0] + (r[1] - r[0]) * col
@@ -189,7 +191,7 @@ class PoseSampler:
         self.joint_names = tuple(joint_names)
         self.num_joints = len(self.joint_names)
         self.index = {n: i for i, n in enumerate(self.joint_names)}
-        self.legs = leg_joint_indices(self.joint_names)
+        self.legs = leg_joint_indices(self.joint_names)  # raises early for a non-SMAL layout
         self.mode_names = MODE_NAMES
         self._cum = np.cumsum(config.probabilities())
         # Jitter per joint, degrees: spine and tail chains share theirs so a chain's total bend stays small.
@@ -237,7 +239,9 @@ class PoseSampler:
                 cfg = getattr(self.config.modes, name)
                 draws = _Draws(u[sel, 1 : 1 + self._PARAM_COLUMNS])
                 deg[sel] = fill[name](cfg, draws, sel.size)
-        jitter = (2.0 * u[:, 1 + self._PARAM_COLUMNS :] - 1.0).reshape(n, -1, 3)
+        jitter = (2.0 * u[:, 1 + self._PARAM_COLUMNS :] - 1.0).reshape(
+            n, len(JOINT_NAMES_35) + self._extra_slots, 3
+        )
         deg += jitter[:, self._jitter_slot] * self.jitter_deg[None, :, None]
         deg[:, 0] = 0.0
         return np.deg2rad(deg), np.array(MODE_NAMES)[mode]
@@ -264,15 +268,19 @@ class PoseSampler:
         """Counter-rotate each foot by the pitch accumulated above it, so the paws stay level."""
         spine = [self.index[n] for n in SPINE_JOINTS if n in self.index]
         trunk = pose[:, spine, _PITCH].sum(axis=1)
-        for leg, idx in self.legs.items():
-            above = pose[:, idx[:-1], _PITCH].sum(axis=1) + (trunk if "front" in leg else 0.0)
-            pose[:, idx[-1], _PITCH] = -above
+        for leg, names in LEG_JOINTS.items():
+            if names[-1] not in self.index:
+                continue
+            above = [self.index[n] for n in names[:-1] if n in self.index]
+            total = pose[:, above, _PITCH].sum(axis=1) + (trunk if "front" in leg else 0.0)
+            pose[:, self.index[names[-1]], _PITCH] = -total
 
     def _standing(self, cfg: StandingMode, draw: _Draws, k: int) -> np.ndarray:
         pose = np.zeros((k, self.num_joints, 3))
         self._head_tail(cfg, draw, pose)
-        for leg, idx in self.legs.items():
-            pose[:, idx[0], _PITCH] += draw(cfg.front_leg_pitch if "front" in leg else cfg.back_leg_pitch)
+        for leg, names in LEG_JOINTS.items():
+            swing = draw(cfg.front_leg_pitch if "front" in leg else cfg.back_leg_pitch)
+            self._add(pose, names[:1], _PITCH, swing)
         self._level_paws(pose)
         return pose
 
@@ -282,18 +290,17 @@ class PoseSampler:
         phase = 2.0 * np.pi * draw((0.0, 1.0))
         stride = {"front": draw(cfg.front_stride), "back": draw(cfg.back_stride)}
         lift = {"front": draw(cfg.front_lift), "back": draw(cfg.back_lift)}
-        for leg, idx in self.legs.items():
+        for leg, (top, mid, low, _) in LEG_JOINTS.items():
             end = "front" if "front" in leg else "back"
             psi = phase + np.pi * _WALK_PHASE[leg]
-            pose[:, idx[0], _PITCH] += -stride[end] * np.sin(psi)  # sin > 0: paw ahead of the shoulder/hip
+            self._add(pose, [top], _PITCH, -stride[end] * np.sin(psi))  # sin > 0: paw ahead of the shoulder
             swing = lift[end] * np.maximum(0.0, np.cos(psi))  # the leg travels forward while cos > 0
-            if len(idx) >= 3:
-                if end == "front":  # elbow and wrist fold the paw back
-                    pose[:, idx[1], _PITCH] += 0.4 * swing
-                    pose[:, idx[2], _PITCH] += 0.6 * swing
-                else:  # knee folds the shank back, hock brings the paw forward
-                    pose[:, idx[1], _PITCH] += swing
-                    pose[:, idx[2], _PITCH] -= 0.8 * swing
+            if end == "front":  # elbow and wrist fold the paw back
+                self._add(pose, [mid], _PITCH, 0.4 * swing)
+                self._add(pose, [low], _PITCH, 0.6 * swing)
+            else:  # the knee folds the shank back, the hock brings the paw forward
+                self._add(pose, [mid], _PITCH, swing)
+                self._add(pose, [low], _PITCH, -0.8 * swing)
         self._level_paws(pose)
         return pose
 
@@ -302,24 +309,18 @@ class PoseSampler:
         self._head_tail(cfg, draw, pose)
         body = draw(cfg.body_pitch)
         spine = [n for n in SPINE_JOINTS if n in self.index]
-        self._add(pose, spine, _PITCH, -body / max(len(spine), 1))
-        self._add(pose, ["Neck"], _PITCH, 0.4 * body)
+        self._add(pose, spine, _PITCH, -body / max(len(spine), 1))  # nose up
+        self._add(pose, ["Neck"], _PITCH, 0.4 * body)  # neck more upright, head level again
         self._add(pose, ["Head"], _PITCH, 0.6 * body)
-        hip, knee, hock, abd = (
-            draw(cfg.hip_flexion),
-            draw(cfg.knee_flexion),
-            draw(cfg.hock_flexion),
-            draw(cfg.hip_abduction),
-        )
-        front = draw(cfg.front_leg_pitch)
-        for leg, idx in self.legs.items():
-            if "front" in leg:
-                pose[:, idx[0], _PITCH] += body + front
+        hip, knee, hock = draw(cfg.hip_flexion), draw(cfg.knee_flexion), draw(cfg.hock_flexion)
+        abduction, front = draw(cfg.hip_abduction), draw(cfg.front_leg_pitch)
+        for leg, (top, mid, low, _) in LEG_JOINTS.items():
+            if "front" in leg:  # undo the trunk pitch so the front legs point down
+                self._add(pose, [top], _PITCH, body + front)
                 continue
-            pose[:, idx[0], _PITCH] -= hip
-            pose[:, idx[0], _ROLL] += abd if leg.startswith("left") else -abd
-            if len(idx) >= 3:
-                pose[:, idx[1], _PITCH] += knee
-                pose[:, idx[2], _PITCH] -= hock
+            self._add(pose, [top], _PITCH, -hip)
+            self._add(pose, [top], _ROLL, abduction if leg.startswith("left") else -abduction)
+            self._add(pose, [mid], _PITCH, knee)
+            self._add(pose, [low], _PITCH, -hock)
         self._level_paws(pose)
         return pose

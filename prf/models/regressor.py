@@ -12,7 +12,6 @@ coordinates [-1, 1]; crop pixels are ``(n + 1) * S / 2 - 0.5`` (pixel centres at
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -252,7 +251,3 @@ def _warmup_cosine(warmup: int, total: int, min_ratio: float, cosine: bool):
 
     return factor
 
-
-def joint_names_of(smal: SMAL) -> Sequence[str]:
-    """The SMAL layer's joint names (for the data module's flip permutation)."""
-    return list(smal.joint_names)

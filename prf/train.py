@@ -1,0 +1,352 @@
+"""Training stages of the PRF regressors, driven by a small YAML config (``prf train``).
+
+Stages: ``synthetic`` (model A: faithful synthetic BATCH images only), ``pretrain`` (model B part 1: the same
+kind of data) and ``finetune`` (model B part 2: starts from the pretrain export, ``--init``, on an
+Animal3D-format JSON). Each run folder holds ``config.yaml`` (the resolved config), ``last.ckpt`` (Lightning,
+for resuming: re-run with the same ``run_dir``), ``logs/`` (CSV metrics) and, at the end, ``export.pt`` +
+``export.pt.sha256`` (``prf.checkpoint``).
+
+Config resolution: the pydantic defaults below <- the YAML file (``--config``, or the stage's packaged
+``prf/configs/train_default_<stage>.yaml``) <- ``overrides`` (dotted keys, e.g. ``{"optim.lr": 1e-4}``).
+Unknown keys are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.loggers import CSVLogger
+
+from prf.body.smal import SMAL
+from prf.checkpoint import check_layout, load_export, plain, save_export
+from prf.data.datamodule import AugmentConfig, RegressorDataModule
+from prf.data.transforms import DEFAULT_CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD
+from prf.models.heads import build_regressor_net
+from prf.models.losses import LossConfig
+from prf.models.regressor import VAL_METRICS, OptimConfig, RegressorModule
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("synthetic", "pretrain", "finetune")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Keys that may change between a run and its resumption (everything else must match config.yaml).
+RESUMABLE_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.fast_dev_run", "data.num_workers")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Section):
+    """Where the data is and how it is split (train defaults to ``--data``)."""
+
+    train: list[str] = Field(default_factory=list)
+    val: list[str] = Field(default_factory=list)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    limit: int | None = Field(None, ge=1)
+    num_workers: int = Field(0, ge=0)
+    crop_scale: float = Field(DEFAULT_CROP_SCALE, gt=0.0)
+    mask_size: int | None = Field(None, ge=1)
+
+
+class ModelSection(_Section):
+    """Network: head ``arch``, timm ``backbone`` at feature level ``out_index``, crop side ``input_size``."""
+
+    arch: Literal["pare", "hmr"] = "pare"
+    backbone: str = "resnet50"
+    out_index: int = -1
+    pretrained_path: str | None = None
+    input_size: int = Field(224, ge=16)
+    head: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainerSection(_Section):
+    """Lightning Trainer settings."""
+
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    strategy: str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    precision: str | int = "32-true"
+    max_epochs: int = Field(100, ge=1)
+    max_steps: int = -1
+    log_every_n_steps: int = Field(20, ge=1)
+    check_val_every_n_epoch: int = Field(1, ge=1)
+    limit_train_batches: float | int | None = None
+    limit_val_batches: float | int | None = None
+    gradient_clip_val: float | None = None
+    deterministic: bool = False
+    fast_dev_run: bool | int = False
+    num_threads: int | None = Field(None, ge=1)
+    progress_bar: bool = True
+
+
+class TrainConfig(_Section):
+    """Everything a training run may change (see the module docstring for how it is resolved)."""
+
+    seed: int = 0
+    smal: str | None = None
+    family_data: str | None = None
+    batch_size: int = Field(64, ge=1)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+
+
+def default_config_path(stage: str) -> Path:
+    """The packaged CPU default config of a stage."""
+    _check_stage(stage)
+    return CONFIG_DIR / f"train_default_{stage}.yaml"
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    node = target
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-4", "trainer.devices=2"]`` -> ``{"optim.lr": 0.0001, "trainer.devices": 2}``
+    (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} must look like key.sub=value (e.g. optim.lr=1e-4)")
+        out[key.strip()] = yaml.safe_load(text)
+    return out
+
+
+def _validation_message(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors()[:5]:
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {item['msg']}")
+    return f"invalid training config ({source}): " + "; ".join(lines)
+
+
+def load_train_config(
+    stage: str, config_path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Resolve a TrainConfig: defaults <- YAML file <- dotted ``overrides``. Errors name the bad key."""
+    path = Path(config_path) if config_path is not None else default_config_path(stage)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {path} does not exist")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a training config must be a YAML mapping, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(_validation_message(err, str(path))) from None
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _check_resume(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """Refuse to resume ``run_dir`` with a config that differs in more than RESUMABLE_KEYS."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+    now = _flatten(resolved)
+    differing = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k))
+    if differing:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differing[:5])
+        raise ValueError(
+            f"{run_dir} holds a run with another config ({shown}); resume it with the same settings "
+            "or choose a new --run-dir"
+        )
+
+
+def _load_init(init: Path, net: torch.nn.Module, smal: SMAL, cfg: TrainConfig) -> None:
+    export = load_export(init)
+    check_layout(export["smal_layout"], smal.layout_signature(), f"--init {init}")
+    spec = export["net"]
+    mine = {"arch": cfg.model.arch, "backbone": cfg.model.backbone, "out_index": cfg.model.out_index}
+    theirs = {k: spec[k] for k in mine}
+    if mine != theirs or dict(spec.get("head_kwargs") or {}) != plain(cfg.model.head):
+        raise ValueError(
+            f"--init {init} holds a {theirs} net with head {spec.get('head_kwargs')}, but this run builds "
+            f"{mine} with head {cfg.model.head}: use the same model settings as the pretrain run"
+        )
+    net.load_state_dict(export["state_dict"])
+    if int(export["input_size"]) != cfg.model.input_size:
+        logger.warning("--init was trained at %s px, this run uses %s px", export["input_size"], cfg.model.input_size)
+
+
+def run_train(
+    stage: str,
+    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+    config_path: str | os.PathLike[str] | None = None,
+    init: str | os.PathLike[str] | None = None,
+    arch: str | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    val_data: Sequence[str | os.PathLike[str]] | None = None,
+) -> Path:
+    """Train one stage and write ``<run_dir>/export.pt``; returns its path.
+
+    Args:
+        stage: "synthetic" | "pretrain" | "finetune" (finetune needs ``init``).
+        data: training source(s): BATCH folder(s) or an Animal3D-format JSON (replaces ``data.train``).
+        config_path: YAML config (default: the stage's packaged CPU default).
+        init: an export to start from (required for finetune: the pretrain export).
+        arch: "pare" | "hmr", overrides ``model.arch``.
+        run_dir: run folder (default ``runs/<stage>-<arch>``); re-running resumes from its last.ckpt.
+        overrides: dotted config keys -> values (e.g. ``{"trainer.max_epochs": 3}``).
+        val_data: held-out source(s) (replaces ``data.val``; default a seeded split of the training data).
+    """
+    _check_stage(stage)
+    overrides = dict(overrides or {})
+    if arch is not None:
+        overrides["model.arch"] = arch
+    if data is not None:
+        sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        overrides["data.train"] = [os.fspath(s) for s in sources]
+    if val_data is not None:
+        overrides["data.val"] = [os.fspath(s) for s in val_data]
+    cfg = load_train_config(stage, config_path, overrides)
+    if not cfg.data.train:
+        raise ValueError("no training data: pass --data (a BATCH folder or an Animal3D-format JSON)")
+    if stage == "finetune" and init is None:
+        raise ValueError("the finetune stage starts from the pretrain export: pass --init <pretrain run>/export.pt")
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{stage}-{cfg.model.arch}"
+    resolved = {"stage": stage, "init": os.fspath(init) if init else None, **plain(cfg.model_dump())}
+    last = run_dir / "last.ckpt"
+    if last.is_file():
+        _check_resume(run_dir, resolved)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    smal = SMAL.from_file(cfg.smal, cfg.family_data) if cfg.smal else SMAL.builtin()
+    net_spec = {
+        "arch": cfg.model.arch,
+        "backbone": cfg.model.backbone,
+        "num_joints": smal.num_joints,
+        "num_betas": smal.num_betas,
+        "out_index": cfg.model.out_index,
+        "head_kwargs": plain(cfg.model.head),
+    }
+    net = build_regressor_net(
+        cfg.model.arch,
+        cfg.model.backbone,
+        smal.num_joints,
+        smal.num_betas,
+        pretrained_path=cfg.model.pretrained_path,
+        out_index=cfg.model.out_index,
+        **cfg.model.head,
+    )
+    if init is not None:
+        _load_init(Path(init), net, smal, cfg)
+    module = RegressorModule(net, smal, cfg.loss, cfg.optim, cfg.model.input_size, {"config": resolved})
+    datamodule = RegressorDataModule(
+        cfg.data.train,
+        cfg.data.val or None,
+        cfg.model.input_size,
+        cfg.batch_size,
+        cfg.data.num_workers,
+        cfg.augment,
+        joint_names=smal.joint_names,
+        num_betas=smal.num_betas,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.data.split_seed,
+        mask_size=cfg.data.mask_size,
+        crop_scale=cfg.data.crop_scale,
+        limit=cfg.data.limit,
+    )
+    trainer = _make_trainer(cfg.trainer, run_dir)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    scores = {k.removeprefix("val/"): float(v) for k, v in (results[0] if results else {}).items()}
+    export_path = run_dir / "export.pt"
+    if trainer.is_global_zero:
+        save_export(
+            export_path,
+            module.net,
+            net=net_spec,
+            arch=cfg.model.arch,
+            backbone=cfg.model.backbone,
+            input_size=cfg.model.input_size,
+            crop_scale=cfg.data.crop_scale,
+            normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            smal_layout=smal.layout_signature(),
+            stage=stage,
+            name=f"{stage}-{cfg.model.arch}",
+            config=resolved,
+            metrics={k: v for k, v in scores.items() if k in VAL_METRICS or k == "loss"},
+            epochs_trained=int(trainer.current_epoch),
+            steps_trained=int(trainer.global_step),
+        )
+    return export_path
+
+
+def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
+    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=run_dir, filename="epoch{epoch:04d}", save_last=True, save_top_k=0)]
+    if t.progress_bar:
+        callbacks.append(RichProgressBar())
+    optional = {
+        "limit_train_batches": t.limit_train_batches,
+        "limit_val_batches": t.limit_val_batches,
+        "gradient_clip_val": t.gradient_clip_val,
+    }
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        deterministic=t.deterministic,
+        fast_dev_run=t.fast_dev_run,
+        callbacks=callbacks,
+        logger=CSVLogger(save_dir=run_dir, name="logs"),
+        default_root_dir=run_dir,
+        enable_progress_bar=t.progress_bar,
+        num_sanity_val_steps=0,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
