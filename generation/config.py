@@ -64,14 +64,16 @@ def load_category_table(path: str | Path | None = None) -> CategoryTable:
 
 
 Style = Literal["synthetic", "standin"]
+DEFAULT_FOCAL_FACTOR = 1.09375  # 3D-DST: a 35 mm lens on a 32 mm sensor
 
 
 class GenerationConfig(BaseModel):
     """The resolved settings of one generation run (saved in batch.json).
 
     image_size: output image side in pixels (square images). focal_factor: focal length in units of the
-    image width (3D-DST's 35 mm lens on a 32 mm sensor gives 1.09375); the stand-in real style uses
-    1000 px at 512 px like Animal3D users assume, i.e. about 1.95.
+    image width (3D-DST's 35 mm lens on a 32 mm sensor gives 1.09375). focal_px: an absolute focal length
+    in pixels instead (the stand-in "real" set uses 1000 px, as Animal3D users assume); camera distances
+    are scaled with the focal length so the animal keeps its size in the frame.
     inject_failures: fraction of images rendered from a perturbed state (0 = off).
     """
 
@@ -92,7 +94,8 @@ class GenerationConfig(BaseModel):
     pose_config: str | None = None
     style: Style = "synthetic"
     background_dir: str | None = None
-    focal_factor: float = Field(default=1.09375, gt=0.0)
+    focal_factor: float = Field(default=DEFAULT_FOCAL_FACTOR, gt=0.0)
+    focal_px: float | None = Field(default=None, gt=0.0)
     condition_short_side: int | None = None
     image_format: Literal["png", "jpg"] = "png"
 
@@ -116,6 +119,14 @@ class GenerationConfig(BaseModel):
             if value is not None and not Path(value).exists():
                 raise ValueError(f"{key}: path does not exist: {value}")
         return self
+
+    def focal_length(self) -> float:
+        """Focal length in pixels."""
+        return self.focal_px if self.focal_px is not None else self.focal_factor * self.image_size
+
+    def distance_scale(self) -> float:
+        """Factor applied to the configured camera distances (1 at 3D-DST's lens)."""
+        return self.focal_length() / (DEFAULT_FOCAL_FACTOR * self.image_size)
 
     def resolved_condition_side(self) -> int:
         """Short side of the Canny condition: a multiple of 64, at least 64 (3D-DST uses 512)."""

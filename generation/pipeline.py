@@ -8,8 +8,8 @@ state, while the annotation and the part mask keep the intended state, as a diff
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -120,6 +120,7 @@ class GenerationPipeline:
         rng = np.random.default_rng(seed)
         category = self.categories[int(rng.integers(len(self.categories)))]
         viewpoint = sample_viewpoints(category.viewpoint, 1, rng).row(0)
+        viewpoint["distance"] *= cfg.distance_scale()
         pose = self.pose_source.pose(rng)
         betas = self._sample_betas(category, rng)
         failure, severity = "none", 0.0
@@ -186,7 +187,7 @@ class GenerationPipeline:
         R, t = look_at(*(torch.tensor([v], dtype=torch.float64) for v in angles), target=target)
         R, t = R[0].double().numpy(), t[0].double().numpy()
         size = cfg.image_size
-        K = intrinsics(cfg.focal_factor * size, size, size).double().numpy()
+        K = intrinsics(cfg.focal_length(), size, size).double().numpy()
         light = rng.normal(size=3)
         light[2] = abs(light[2]) + 0.5  # mostly from above
         light /= np.linalg.norm(light)

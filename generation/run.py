@@ -108,6 +108,7 @@ def export_animal3d(batch: Path, json_path: Path) -> Path:
     the JSON's folder. Used to make the stand-in "real" fine-tuning set (never call it Animal3D)."""
     reader = BatchReader(batch)
     json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     rel = Path(os.path.relpath(batch.resolve(), json_path.parent.resolve()))
     annotations = []
     for image_id in reader.image_ids():

@@ -32,7 +32,9 @@ def write_contact_sheet(batch: str | Path, out: str | Path, limit: int = 16) -> 
         failure = record.get("injected_failure", "none")
         if failure != "none":
             caption += f" [{failure}]"
-        keypoints = draw_keypoints(image, annotation.keypoints_2d_array(), radius=max(1, image.shape[0] // 128))
+        keypoints = draw_keypoints(
+            image, annotation.keypoints_2d_array(), radius=max(1, image.shape[0] // 128)
+        )
         tiles.append(label(fit(keypoints, TILE), caption))
         tiles.append(label(fit(reader.read_condition(image_id), TILE), "condition"))
         tiles.append(label(fit(overlay_parts(image, reader.read_mask(image_id)), TILE), "parts"))

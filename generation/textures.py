@@ -54,6 +54,7 @@ class AppearanceStyle:
     belly_light_prob: float
     saturation: Range
     shading_gamma: Range
+    exposure: Range
     light_tint: float
     background_weights: tuple[float, float, float, float]
     background_saturation: Range
@@ -74,7 +75,8 @@ class AppearanceStyle:
                       "photo_background_prob", "shadow_prob", "blur_prob", "jpeg_prob"):  # fmt: skip
             if not 0.0 <= getattr(self, field) <= 1.0:
                 raise ValueError(f"AppearanceStyle {self.name!r}: {field} must be a probability in [0, 1]")
-        for field in ("saturation", "shading_gamma", "background_saturation", "blur_sigma", "noise_std"):
+        for field in ("saturation", "shading_gamma", "exposure", "background_saturation", "blur_sigma",
+                      "noise_std"):  # fmt: skip
             low, high = getattr(self, field)
             if not 0.0 <= low <= high:
                 raise ValueError(f"AppearanceStyle {self.name!r}: {field} must satisfy 0 <= low <= high")
@@ -92,11 +94,11 @@ class AppearanceStyle:
             name="synthetic",
             coat_palette=((0.78, 0.60, 0.40), (0.50, 0.33, 0.18), (0.28, 0.19, 0.12), (0.58, 0.57, 0.55),
                           (0.14, 0.12, 0.11), (0.90, 0.84, 0.70), (0.86, 0.52, 0.22), (0.93, 0.92, 0.90)),
-            coat_jitter=0.05, part_variation=0.08, mottle_strength=0.12, fur_strength=0.10, fur_length=0.03,
+            coat_jitter=0.05, part_variation=0.08, mottle_strength=0.12, fur_strength=0.07, fur_length=0.03,
             stripe_prob=0.15, spot_prob=0.15, paw_dark_prob=0.3, muzzle_light_prob=0.3, belly_light_prob=0.4,
-            saturation=(0.9, 1.2), shading_gamma=(0.8, 1.1), light_tint=0.04,
-            background_weights=(0.3, 0.2, 0.3, 0.2), background_saturation=(0.2, 0.6), background_detail=0.03,
-            photo_background_prob=0.5, shadow_prob=0.6, edge_feather=0.6,
+            saturation=(0.9, 1.2), shading_gamma=(0.8, 1.1), exposure=(1.0, 1.2), light_tint=0.04,
+            background_weights=(0.3, 0.2, 0.3, 0.2), background_saturation=(0.15, 0.5),
+            background_detail=0.03, photo_background_prob=0.5, shadow_prob=0.6, edge_feather=0.6,
             blur_prob=0.1, blur_sigma=(0.4, 0.8), noise_std=(0.0, 0.01), jpeg_prob=0.0, jpeg_quality=(90, 95),
         )  # fmt: skip
 
@@ -106,13 +108,13 @@ class AppearanceStyle:
         backgrounds, harsh contrasty light, more sensor noise, blur and JPEG artefacts."""
         return cls(
             name="realistic_standin",
-            coat_palette=((0.45, 0.43, 0.36), (0.36, 0.38, 0.42), (0.64, 0.59, 0.52), (0.22, 0.21, 0.22),
-                          (0.55, 0.36, 0.26), (0.72, 0.66, 0.54), (0.40, 0.30, 0.25)),
-            coat_jitter=0.07, part_variation=0.12, mottle_strength=0.25, fur_strength=0.22, fur_length=0.05,
+            coat_palette=((0.52, 0.50, 0.42), (0.42, 0.44, 0.48), (0.68, 0.62, 0.54), (0.30, 0.28, 0.28),
+                          (0.60, 0.42, 0.30), (0.76, 0.70, 0.58), (0.48, 0.37, 0.30)),
+            coat_jitter=0.07, part_variation=0.12, mottle_strength=0.25, fur_strength=0.15, fur_length=0.05,
             stripe_prob=0.1, spot_prob=0.25, paw_dark_prob=0.5, muzzle_light_prob=0.4, belly_light_prob=0.5,
-            saturation=(0.45, 0.8), shading_gamma=(1.4, 2.2), light_tint=0.10,
+            saturation=(0.45, 0.8), shading_gamma=(1.2, 1.8), exposure=(1.1, 1.45), light_tint=0.10,
             background_weights=(0.05, 0.45, 0.15, 0.35), background_saturation=(0.1, 0.35),
-            background_detail=0.18, photo_background_prob=0.9, shadow_prob=0.8, edge_feather=0.9,
+            background_detail=0.14, photo_background_prob=0.9, shadow_prob=0.8, edge_feather=0.9,
             blur_prob=0.5, blur_sigma=(0.5, 1.2), noise_std=(0.02, 0.05),
             jpeg_prob=0.8, jpeg_quality=(35, 75),
         )  # fmt: skip
@@ -143,46 +145,62 @@ def synthesize_image(
     height, width = render.silhouette.shape
     image = _background(rng, style, height, width, backgrounds)
     sil = render.silhouette
-    if rng.random() < style.shadow_prob and sil.any():
-        image *= 1.0 - _contact_shadow(rng, sil)[..., None]
     if sil.any():
-        rows, cols = np.nonzero(sil)
-        colour = _animal_colours(render, rows, cols, rng, style)
-        alpha = np.ones(rows.size, dtype=np.float32)
-        if style.edge_feather > 0:
-            soft = cv2.GaussianBlur(sil.astype(np.float32), (0, 0), style.edge_feather)
-            alpha = np.clip(2.0 * soft[rows, cols] - 0.5, 0.0, 1.0)  # inward only: the edge pixels
-        image[rows, cols] = alpha[:, None] * colour + (1.0 - alpha[:, None]) * image[rows, cols]
+        if rng.random() < style.shadow_prob:
+            image *= 1.0 - _contact_shadow(rng, sil)[..., None]
+        box = _box(sil, margin=int(3 * style.edge_feather) + 1)
+        rows, cols = np.nonzero(sil[box])
+        colour = _animal_colours(render, box, rows, cols, rng, style)
+        alpha = np.ones((rows.size, 1), dtype=np.float32)
+        if style.edge_feather > 0:  # soften the outermost pixels, inwards only (the mask stays exact)
+            soft = cv2.GaussianBlur(sil[box].astype(np.float32), (0, 0), style.edge_feather)
+            alpha = np.clip(2.0 * soft[rows, cols] - 0.5, 0.0, 1.0)[:, None]
+        view = image[box]
+        view[rows, cols] = alpha * colour + (1.0 - alpha) * view[rows, cols]
     return _degrade(np.clip(image, 0.0, 1.0), rng, style)
+
+
+def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
+    """Row and column slices of the mask's bounding box grown by `margin` pixels (clipped to the image)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    r0, c0 = max(0, rows[0] - margin), max(0, cols[0] - margin)
+    return slice(r0, rows[-1] + margin + 1), slice(c0, cols[-1] + margin + 1)
 
 
 # -- the animal ------------------------------------------------------------------------------------------
 def _animal_colours(
-    render: RenderResult, rows: np.ndarray, cols: np.ndarray, rng: np.random.Generator, style: AppearanceStyle
+    render: RenderResult,
+    box: tuple[slice, slice],
+    rows: np.ndarray,
+    cols: np.ndarray,
+    rng: np.random.Generator,
+    style: AppearanceStyle,
 ) -> np.ndarray:
-    """(M, 3) shaded colours of the silhouette pixels (rows, cols)."""
-    height, width = render.silhouette.shape
+    """(M, 3) float32 shaded colours of the silhouette pixels (rows, cols) of the crop `box`."""
+    side = min(render.silhouette.shape)
     size = render.object_size if render.object_size > 0 else 1.0
-    surface = render.hit_points[rows, cols].astype(np.float64) / size  # (M, 3) in object sizes
-    points = surface + rng.uniform(0, 50, size=3)  # a random place on the noise lattice
+    surface = render.hit_points[box][rows, cols] / np.float32(size)  # (M, 3) in object sizes
+    points = surface + rng.uniform(0, 50, size=3).astype(np.float32)  # a random place on the noise lattice
     base = np.asarray(style.coat_palette[int(rng.integers(len(style.coat_palette)))])
-    base = np.clip(base + style.coat_jitter * rng.standard_normal(3), 0.03, 0.97)
-    dark, light = base * rng.uniform(0.2, 0.45), base + (1.0 - base) * rng.uniform(0.4, 0.7)
+    base = np.clip(base + style.coat_jitter * rng.standard_normal(3), 0.03, 0.97).astype(np.float32)
+    dark = base * np.float32(rng.uniform(0.2, 0.45))
+    light = base + (1.0 - base) * np.float32(rng.uniform(0.4, 0.7))
     noise = _Noise3(rng)
 
-    tint_map = np.zeros((height, width), dtype=np.float32)
-    tint_map[rows, cols] = part_tints(rng, style.part_variation)[render.part_fine[rows, cols]]
-    tint = _masked_smooth(tint_map, render.silhouette, 0.03 * min(height, width))[rows, cols]
+    sil = render.silhouette[box]
+    tint_map = np.zeros(sil.shape, dtype=np.float32)
+    tint_map[rows, cols] = part_tints(rng, style.part_variation)[render.part_fine[box][rows, cols]]
+    tint = _masked_smooth(tint_map, sil, 0.03 * side)[rows, cols]
     mottle = 1.0 + style.mottle_strength * (2.0 * noise(points * rng.uniform(3, 6)) - 1.0)
     albedo = base[None, :] * (tint * mottle)[:, None]
 
     if rng.random() < style.stripe_prob:
-        axis = np.array([1.0, 0.0, rng.uniform(-0.4, 0.4)])
+        axis = np.array([1.0, 0.0, rng.uniform(-0.4, 0.4)], dtype=np.float32)
         phase = points @ axis * rng.uniform(7, 13) + 1.2 * noise(points * 3.0)
         albedo = _mix(albedo, dark, _smoothstep(0.6, 0.8, 0.5 + 0.5 * np.sin(2 * np.pi * phase)))
     if rng.random() < style.spot_prob:
         albedo = _mix(albedo, dark, 0.85 * _smoothstep(0.66, 0.74, noise(points * rng.uniform(9, 16))))
-    keypoints = render.keypoints_3d.astype(np.float64) / size
+    keypoints = render.keypoints_3d / np.float32(size)
     has_keypoints = keypoints.shape[0] > max(*PAW_KEYPOINTS, *MUZZLE_KEYPOINTS)
     if has_keypoints and rng.random() < style.paw_dark_prob:
         near = _nearest_distance(surface, keypoints[list(PAW_KEYPOINTS)])
@@ -191,19 +209,17 @@ def _animal_colours(
         near = _nearest_distance(surface, keypoints[list(MUZZLE_KEYPOINTS)])
         albedo = _mix(albedo, light, 0.7 * (1.0 - _smoothstep(0.03, 0.07, near)))
     if rng.random() < style.belly_light_prob:
-        below = -render.normals_world[rows, cols, 2]
+        below = -render.normals_world[box][rows, cols, 2]
         albedo = _mix(albedo, light, 0.7 * _smoothstep(0.2, 0.7, below))
 
-    fur = _fur(rng, height, width, style.fur_length * min(height, width))[rows, cols]
+    fur = _fur(rng, sil.shape[0], sil.shape[1], style.fur_length * side)[rows, cols]
     albedo *= (1.0 + style.fur_strength * fur)[:, None]
     grey = albedo.mean(axis=1, keepdims=True)
-    albedo = grey + rng.uniform(*style.saturation) * (albedo - grey)
+    albedo = grey + np.float32(rng.uniform(*style.saturation)) * (albedo - grey)
 
-    shade = render.shading[rows, cols].astype(np.float64) ** rng.uniform(*style.shading_gamma)
-    light_colour = 1.0 + style.light_tint * rng.standard_normal(3)
-    return np.clip(albedo * shade[:, None] * light_colour * rng.uniform(1.0, 1.2), 0.0, 1.0).astype(
-        np.float32
-    )
+    shade = render.shading[box][rows, cols] ** np.float32(rng.uniform(*style.shading_gamma))
+    light_colour = (1.0 + style.light_tint * rng.standard_normal(3)) * rng.uniform(*style.exposure)
+    return np.clip(albedo * shade[:, None] * light_colour.astype(np.float32), 0.0, 1.0)
 
 
 class _Noise3:
@@ -234,8 +250,9 @@ class _Noise3:
 
 
 def _fur(rng: np.random.Generator, height: int, width: int, length: float) -> np.ndarray:
-    """(H, W) zero-mean, unit-std streaky noise: white noise smeared along one random direction."""
-    noise = rng.standard_normal((height, width), dtype=np.float32)
+    """(h, w) zero-mean, unit-std streaky noise: white noise smeared along one random direction over
+    `length` pixels."""
+    noise = _uniform_noise(rng, (height, width), 1.0)
     size = max(3, round(float(length)) | 1)
     kernel = np.zeros((size, size), dtype=np.float32)
     angle, half = rng.uniform(0, np.pi), (size - 1) / 2.0
@@ -270,8 +287,11 @@ def _mix(colours: np.ndarray, target: np.ndarray, weight: np.ndarray) -> np.ndar
 
 # -- backgrounds, shadow, degradation ---------------------------------------------------------------------
 def _random_colour(rng: np.random.Generator, saturation: Range, value: Range = (0.25, 0.95)) -> np.ndarray:
-    """(3,) RGB from a random hue and the given saturation / value ranges."""
-    hsv = np.array([[[rng.uniform(0, 180), 255 * rng.uniform(*saturation), 255 * rng.uniform(*value)]]])
+    """(3,) float32 RGB: a mostly natural hue (foliage, sky, earth; sometimes any) with the given
+    saturation and value ranges."""
+    hue_ranges = ((30.0, 80.0), (90.0, 120.0), (5.0, 30.0), (0.0, 180.0))  # OpenCV hue units (0..180)
+    low, high = hue_ranges[int(rng.choice(4, p=(0.35, 0.25, 0.25, 0.15)))]
+    hsv = np.array([[[rng.uniform(low, high), 255 * rng.uniform(*saturation), 255 * rng.uniform(*value)]]])
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32) / 255.0
 
 
@@ -340,7 +360,7 @@ def _background(
 
 def _detail(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """(H, W, 1) float32 fine texture in [-1, 1] (photo-like grain and clutter)."""
-    return (2.0 * _fractal(rng, height, width, max(4, max(height, width) // 8), 2) - 1.0)[..., None]
+    return (2.0 * _fractal(rng, height, width, max(4, max(height, width) // 12), 3) - 1.0)[..., None]
 
 
 def _blobs(
@@ -386,6 +406,13 @@ def _contact_shadow(rng: np.random.Generator, silhouette: np.ndarray) -> np.ndar
     return (rng.uniform(0.2, 0.45) * shadow).astype(np.float32)
 
 
+def _uniform_noise(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    """Zero-mean float32 noise of the given std (uniform: several times cheaper than Gaussian draws)."""
+    noise = rng.random(shape, dtype=np.float32) - np.float32(0.5)
+    noise *= np.float32(std * np.sqrt(12.0))
+    return noise
+
+
 def _degrade(image: np.ndarray, rng: np.random.Generator, style: AppearanceStyle) -> np.ndarray:
     """(H, W, 3) uint8 from float RGB in [0, 1]: optional blur, sensor noise and JPEG round trip."""
     if rng.random() < style.blur_prob:
@@ -393,11 +420,12 @@ def _degrade(image: np.ndarray, rng: np.random.Generator, style: AppearanceStyle
     std = rng.uniform(*style.noise_std)
     if std > 0:
         height, width = image.shape[:2]
-        luma = rng.standard_normal((height, width), dtype=np.float32)
-        chroma = rng.standard_normal((max(1, height // 4), max(1, width // 4), 3), dtype=np.float32)
+        luma = _uniform_noise(rng, (height, width), std)
+        chroma = _uniform_noise(rng, (max(1, height // 4), max(1, width // 4), 3), 0.5 * std)
         chroma = cv2.resize(chroma, (width, height), interpolation=cv2.INTER_LINEAR)
-        image = image + std * (luma[..., None] + 0.5 * chroma)
-    out = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        chroma += luma[..., None]
+        image = cv2.add(np.ascontiguousarray(image, dtype=np.float32), chroma)
+    out = cv2.convertScaleAbs(np.clip(image, 0.0, 1.0), alpha=255.0)  # rounds and saturates to uint8
     if rng.random() < style.jpeg_prob:
         quality = int(rng.integers(style.jpeg_quality[0], style.jpeg_quality[1] + 1))
         ok, buf = cv2.imencode(".jpg", out[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])

@@ -33,10 +33,7 @@ def render_body_sheet(
     num_poses: int = 3,
 ) -> Path:
     """Render the rest pose from three views and `num_poses` sampled poses; write one PNG; return its path."""
-    if smal is None:
-        model = SMAL.builtin()
-    else:
-        model = SMAL.from_file(smal, family_data=family_data, family=family)
+    model = SMAL.builtin() if smal is None else SMAL.from_file(smal, family_data=family_data, family=family)
     sampler = PoseSampler(PoseSamplerConfig.default(), model.joint_names)
     poses = np.zeros((1 + num_poses, model.num_joints, 3))
     poses[1:] = sampler.sample(num_poses, seed=seed)

@@ -101,6 +101,9 @@ def generate(
     animal3d_json: Annotated[
         Path | None, typer.Option(help="Also write the batch as an Animal3D-format JSON here.")
     ] = None,
+    focal_px: Annotated[
+        float | None, typer.Option(help="Focal length in pixels (default: 3D-DST's lens).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with more generation settings.")] = None,
     shard: Annotated[str, typer.Option(help="Make only shard i of N (i/N).")] = "0/1",
     workers: Annotated[int, typer.Option(help="Preparation threads.")] = 2,
@@ -128,6 +131,7 @@ def generate(
         "smal": str(smal) if smal else None,
         "family_data": str(family_data) if family_data else None,
         "poses": str(poses) if poses else None,
+        "focal_px": focal_px,
     }
     settings.update({k: v for k, v in optional.items() if v is not None})
     backend_options = dict(settings.get("backend_options") or {})  # type: ignore[arg-type]

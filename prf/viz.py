@@ -5,6 +5,7 @@ Legend: H, W image size in pixels; keypoints are (26, 2) or (26, 3) [x, y, visib
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import cv2
@@ -54,6 +55,10 @@ def overlay_parts(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> n
     return out.astype(np.uint8)
 
 
+def _pixel(point: np.ndarray) -> tuple[int, int]:
+    return (round(float(point[0])), round(float(point[1])))
+
+
 def draw_keypoints(
     image: np.ndarray,
     keypoints: np.ndarray,
@@ -73,14 +78,12 @@ def draw_keypoints(
     if skeleton:
         for name, chain in KEYPOINT_LIMBS.items():
             c = colour or LIMB_COLOURS[name]
-            for a, b in zip(chain[:-1], chain[1:], strict=True):
+            for a, b in itertools.pairwise(chain):
                 if finite[a] and finite[b]:
-                    pa, pb = tuple(int(round(v)) for v in kp[a, :2]), tuple(int(round(v)) for v in kp[b, :2])
-                    cv2.line(out, pa, pb, c, 1, cv2.LINE_AA)
+                    cv2.line(out, _pixel(kp[a]), _pixel(kp[b]), c, 1, cv2.LINE_AA)
     for i in np.flatnonzero(finite):
-        p = (int(round(kp[i, 0])), int(round(kp[i, 1])))
         c = colour or (255, 255, 255)
-        cv2.circle(out, p, radius, c, -1 if vis[i] else 1, cv2.LINE_AA)
+        cv2.circle(out, _pixel(kp[i]), radius, c, -1 if vis[i] else 1, cv2.LINE_AA)
     return out
 
 

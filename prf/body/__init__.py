@@ -2,7 +2,7 @@
 
     from prf.body import SMAL
     model = SMAL.builtin()                      # or SMAL.from_file("my_smpl_00781_4_all.pkl")
-    out = model(betas=betas, pose=pose)         # out.vertices (B,V,3), out.joints (B,J,3), out.keypoints (B,26,3)
+    out = model(betas=betas, pose=pose)  # .vertices (B,V,3), .joints (B,J,3), .keypoints (B,26,3)
 """
 
 from prf.body.model_data import SMALModelData

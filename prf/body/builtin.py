@@ -7,7 +7,7 @@ ring's mean. Skinning blends smoothly between the bones of each part's chain. Th
 correctives (posedirs are zeros) and no SMAL shape families (family_means is None).
 
 Frame and units: SMAL's (x forward, y to the animal's left, z up), metres. About a metre long; in the rest
-pose the paws stand at z = -0.5, front paws near x = +0.44, back paws near x = -0.32, legs pointing down.
+pose the paws stand at z = -0.5, front paws near x = +0.45, back paws near x = -0.32, legs pointing down.
 
 Shape betas (NB = 6, linear, meaningful over [-2, 2]), in order:
     0 leg_length   +20 % leg length per unit; paws stay on the ground, the body moves up.

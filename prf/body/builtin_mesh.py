@@ -245,7 +245,7 @@ def _tail_knots() -> np.ndarray:
     pts = [np.array([-0.36, 0.0, 0.08]), np.array([-0.43, 0.0, 0.10])]
     for deg, length in zip((5, -5, -15, -25, -35, -45, -50), (0.06,) * 6 + (0.05,), strict=True):
         a = np.deg2rad(deg)
-        pts.append(pts[-1] + length * np.array([np.cos(a), 0.0, np.sin(a)]) * np.array([-1.0, 1.0, 1.0]))
+        pts.append(pts[-1] + length * np.array([-np.cos(a), 0.0, np.sin(a)]))  # backwards, deg above level
     return np.stack(pts)
 
 

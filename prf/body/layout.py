@@ -53,7 +53,32 @@ ROOT_KEYPOINT = 7  # tail base: the root for MPJPE
 
 # Keypoint index -> its mirror image under a left/right flip.
 KEYPOINT_FLIP: tuple[int, ...] = (
-    1, 0, 2, 4, 3, 6, 5, 7, 9, 8, 11, 10, 13, 12, 15, 14, 17, 16, 18, 19, 21, 20, 23, 22, 24, 25,
+    1,
+    0,
+    2,
+    4,
+    3,
+    6,
+    5,
+    7,
+    9,
+    8,
+    11,
+    10,
+    13,
+    12,
+    15,
+    14,
+    17,
+    16,
+    18,
+    19,
+    21,
+    20,
+    23,
+    22,
+    24,
+    25,
 )
 
 # Limb chains over keypoint indices (shoulder/hip -> paw), for drawing and per-limb errors.
