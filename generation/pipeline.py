@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 
@@ -279,6 +280,7 @@ class GenerationPipeline:
             for chunk in _chunks(prepared, self.backend.preferred_batch_size):
                 images = self.backend.generate([p.request for p in chunk])
                 for item, image in zip(chunk, images, strict=True):
+                    image = to_annotation_frame(image, self.config.image_size)
                     record = dict(item.record, shard=shard_label)
                     writer.write_image(
                         item.plan.image_id, image, item.mask, item.request.condition, item.annotation, record
@@ -287,6 +289,14 @@ class GenerationPipeline:
                     if on_image is not None:
                         on_image(record)
         return {"made": made, "skipped": skipped}
+
+
+def to_annotation_frame(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a backend's picture (made at the condition's size, a multiple of 64) back to the render's
+    size x size frame, in which the annotation and the mask are expressed."""
+    if image.shape[:2] == (size, size):
+        return image
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def failure_effect(truth: RenderResult, shown: RenderResult, hidden_part: str | None) -> float:

@@ -40,8 +40,8 @@ class RenderResult:
     keypoints_2d (N,3) float32: [x, y, visibility] in pixels; visibility 1 when inside the image and not
         occluded, else 0 (x, y stay the pinhole projection either way). (0,3) without keypoints.
     keypoints_3d (N,3) float32: the world keypoints that were projected, (0,3) without keypoints.
-    bbox (4,) float32: [x, y, w, h] of the silhouette in pixel indices (x = first column, w = number of
-        columns spanned), zeros when the silhouette is empty.
+    bbox (4,) float32: [x, y, w, h] of the silhouette's full pixel extent (x = first column - 0.5,
+        w = columns spanned), zeros when the silhouette is empty.
     object_size: float, metres: diagonal of the rendered vertices' bounding box.
     """
 
@@ -79,12 +79,17 @@ def _check_array(name: str, value: np.ndarray, shape: tuple[int | None, ...]) ->
 
 
 def bbox_of_mask(mask: np.ndarray) -> np.ndarray:
-    """(4,) float32 [x, y, w, h] of a (H,W) bool mask in pixel indices; zeros for an empty mask."""
+    """(4,) float32 [x, y, w, h] covering the full extent of a (H,W) bool mask's pixels; zeros if empty.
+
+    Pixel (column i, row j) spans [i - 0.5, i + 0.5], so x = first column - 0.5 and w = columns spanned
+    (the convention of `prf.geometry.bbox_from_mask`).
+    """
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         return np.zeros(4, dtype=np.float32)
-    return np.array([cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1], dtype=np.float32)
+    x, y = cols[0] - 0.5, rows[0] - 0.5
+    return np.array([x, y, cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1], dtype=np.float32)
 
 
 class Renderer:
@@ -149,6 +154,15 @@ class Renderer:
         shown = faces[face_index]
         size = float(np.linalg.norm(np.ptp(vertices, axis=0))) if len(vertices) else 0.0
 
+        kp3 = np.zeros((0, 3)) if keypoints_3d is None else np.asarray(keypoints_3d, dtype=np.float64)
+        kp3 = _check_array("keypoints_3d", kp3, (None, 3))
+        kp_cam = kp3 @ R.T + t
+        kp_xy, kp_visible = _project_keypoints(kp_cam, K, width, height)  # visible so far: in frame
+        kp_idx = np.flatnonzero(kp_visible)
+        kp_dist = np.linalg.norm(kp_cam[kp_idx], axis=1)
+        kp_dirs = kp_cam[kp_idx] / kp_dist[:, None]
+        kp_first = np.full(kp_idx.size, np.inf)  # metres to the first surface on each keypoint's ray
+
         shape = (height, width)
         face_ids = np.full(shape, -1, dtype=np.int32)
         depth = np.full(shape, np.inf, dtype=np.float32)
@@ -156,12 +170,18 @@ class Renderer:
         normals_world = np.zeros((*shape, 3), dtype=np.float32)
         hit_points = np.zeros((*shape, 3), dtype=np.float32)
         shading = np.zeros(shape, dtype=np.float32)
-        intersector: RayMeshIntersector | None = None
         if shown.shape[0]:
             mesh = trimesh.Trimesh(vertices=cam_vertices, faces=shown, process=False, validate=False)
-            intersector = RayMeshIntersector(mesh)
-            rows, cols, dirs = _pixel_rays(K, cam_vertices[np.unique(shown)], width, height)
-            hit = intersector.intersects_first(np.zeros_like(dirs), dirs)
+            intersector = RayMeshIntersector(mesh, scale_to_box=False)  # metres are fine for float32
+            used = np.zeros(cam_vertices.shape[0], dtype=bool)
+            used[shown.reshape(-1)] = True
+            rows, cols, dirs = _pixel_rays(K, cam_vertices[used], width, height)
+            rays = np.concatenate([dirs, kp_dirs])  # one query for the pixels and the keypoints
+            hit = intersector.intersects_first(np.zeros_like(rays), rays)
+            hit, kp_hit = hit[: dirs.shape[0]], hit[dirs.shape[0] :]
+            kp_got = kp_hit >= 0
+            kp_first[kp_got] = _plane_hits(cam_vertices[shown[kp_hit[kp_got]]], kp_dirs[kp_got])[1]
+
             got = hit >= 0
             rows, cols, dirs, local = rows[got], cols[got], dirs[got], hit[got]
             normal, dist = _plane_hits(cam_vertices[shown[local]], dirs)
@@ -182,11 +202,9 @@ class Renderer:
             lut[: len(fine_to_coarse)] = np.asarray(fine_to_coarse, dtype=np.uint8)
             part_coarse = lut[part_fine]
 
-        kp3 = np.zeros((0, 3)) if keypoints_3d is None else np.asarray(keypoints_3d, dtype=np.float64)
-        kp3 = _check_array("keypoints_3d", kp3, (None, 3))
-        tol = max(self.occlusion_tolerance, self.occlusion_tolerance_frac * size)
-        occluder = _Occluder(intersector, cam_vertices[shown])
-        kp2 = _project_keypoints(kp3 @ R.T + t, K, width, height, occluder, tol)
+        tolerance = max(self.occlusion_tolerance, self.occlusion_tolerance_frac * size)
+        kp_visible[kp_idx] = kp_first >= kp_dist - tolerance
+        kp2 = np.concatenate([kp_xy, kp_visible[:, None]], axis=1).astype(np.float32)
         return RenderResult(
             shading=shading,
             normals=normals,
@@ -230,49 +248,18 @@ def _pixel_rays(
     return rows, cols, dirs / dirs[:, 2:3]
 
 
-class _Occluder:
-    """Distances along camera rays to the first surface: rays from the camera centre, unit dirs (M,3)."""
-
-    def __init__(self, intersector: RayMeshIntersector | None, triangles: np.ndarray) -> None:
-        self.intersector = intersector
-        self.triangles = triangles  # (F',3,3) camera-space corners of the shown faces
-
-    def first_hit_distance(self, dirs: np.ndarray) -> np.ndarray:
-        """(M,) metres to the first hit along each ray, inf where a ray hits nothing."""
-        out = np.full(dirs.shape[0], np.inf)
-        if self.intersector is None or dirs.shape[0] == 0:
-            return out
-        hit = self.intersector.intersects_first(np.zeros_like(dirs), dirs)
-        got = hit >= 0
-        out[got] = _plane_hits(self.triangles[hit[got]], dirs[got])[1]
-        return out
-
-
 def _project_keypoints(
-    cam: np.ndarray, K: np.ndarray, width: int, height: int, occluder: _Occluder, tolerance: float
-) -> np.ndarray:
-    """(N,3) float32 [x, y, visibility] of camera-space keypoints cam (N,3).
-
-    x, y: the pinhole projection (also for invisible keypoints; behind the camera the formula's value).
-    visibility 1 when in front of the camera, inside the image ([-0.5, W - 0.5) x [-0.5, H - 0.5)) and
-    not occluded: the first surface on the camera ray is not closer than the keypoint minus `tolerance`.
-    """
-    out = np.zeros((cam.shape[0], 3), dtype=np.float32)
-    if cam.shape[0] == 0:
-        return out
+    cam: np.ndarray, K: np.ndarray, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pinhole projection (N,2) pixels of camera-space keypoints cam (N,3), and (N,) bool: in front of the
+    camera and inside the image ([-0.5, W - 0.5) x [-0.5, H - 0.5)). Behind the camera the projection is
+    the formula's value (finite)."""
     uvw = cam @ K.T
     with np.errstate(divide="ignore", invalid="ignore"):
-        xy = uvw[:, :2] / uvw[:, 2:3]
+        xy = np.nan_to_num(uvw[:, :2] / uvw[:, 2:3])
     x, y = xy[:, 0], xy[:, 1]
-    visible = (cam[:, 2] > 1e-9) & (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
-    idx = np.flatnonzero(visible)
-    if idx.size:
-        dist = np.linalg.norm(cam[idx], axis=1)
-        first = occluder.first_hit_distance(cam[idx] / dist[:, None])
-        visible[idx] = first >= dist - tolerance
-    out[:, :2] = np.nan_to_num(xy)
-    out[:, 2] = visible
-    return out
+    inside = (cam[:, 2] > 1e-9) & (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
+    return xy, inside
 
 
 def _unit(value: np.ndarray) -> np.ndarray:

@@ -35,9 +35,18 @@ MUZZLE_KEYPOINTS = (22, 23, 24)  # mouth corners and nose
 class AppearanceStyle:
     """Explicit knobs of the procedural appearance; build one with `synthetic()` or `realistic_standin()`.
 
-    Probabilities are per image. Ranges are (low, high), drawn uniformly per image. Strengths are relative
-    amplitudes (0 = off). noise_std is in units of the full 0..1 intensity range; fur_length and
-    edge_feather are fractions of the image's short side and pixels.
+    Probabilities (`*_prob`) are per image; ranges are (low, high), drawn uniformly per image; strengths
+    are relative amplitudes (0 = off). Colours are RGB in [0, 1].
+    coat_palette: base coat colours, one drawn per animal; coat_jitter: its relative change (mostly
+    brightness). part_variation: brightness difference between part groups (head, neck, torso, legs,
+    tail; blurred across borders). mottle_strength: large surface patches. fur_strength / fur_length:
+    streak noise and its length (fraction of the image's short side). saturation: colour saturation
+    factor. shading_gamma: exponent on the render's shading (> 1 is harsher), exposure: brightness gain,
+    light_tint: warm/cool light colour spread. background_weights: weights of BACKGROUND_KINDS;
+    background_saturation; background_detail: fine texture amplitude; photo_background_prob: chance of
+    a user photo when some are given. shadow_prob: a soft contact shadow under the animal. edge_feather:
+    sigma (pixels) of the inward softening of the silhouette edge. blur_sigma (pixels), noise_std (of
+    the 0..1 intensity), jpeg_quality (1..100): the final degradations.
     """
 
     name: str
@@ -182,7 +191,8 @@ def _animal_colours(
     surface = render.hit_points[box][rows, cols] / np.float32(size)  # (M, 3) in object sizes
     points = surface + rng.uniform(0, 50, size=3).astype(np.float32)  # a random place on the noise lattice
     base = np.asarray(style.coat_palette[int(rng.integers(len(style.coat_palette)))])
-    base = np.clip(base + style.coat_jitter * rng.standard_normal(3), 0.03, 0.97).astype(np.float32)
+    jitter = style.coat_jitter * (3.0 * rng.standard_normal() + 0.5 * rng.standard_normal(3))  # brightness
+    base = np.clip(base * (1.0 + jitter), 0.03, 0.97).astype(np.float32)
     dark = base * np.float32(rng.uniform(0.2, 0.45))
     light = base + (1.0 - base) * np.float32(rng.uniform(0.4, 0.7))
     noise = _Noise3(rng)
@@ -214,11 +224,12 @@ def _animal_colours(
 
     fur = _fur(rng, sil.shape[0], sil.shape[1], style.fur_length * side)[rows, cols]
     albedo *= (1.0 + style.fur_strength * fur)[:, None]
-    grey = albedo.mean(axis=1, keepdims=True)
+    grey = (albedo @ np.full(3, 1.0 / 3.0, dtype=np.float32))[:, None]
     albedo = grey + np.float32(rng.uniform(*style.saturation)) * (albedo - grey)
 
     shade = render.shading[box][rows, cols] ** np.float32(rng.uniform(*style.shading_gamma))
-    light_colour = (1.0 + style.light_tint * rng.standard_normal(3)) * rng.uniform(*style.exposure)
+    warmth = style.light_tint * rng.standard_normal()  # warm (> 0) or cool (< 0) light
+    light_colour = np.array([1.0 + warmth, 1.0, 1.0 - warmth]) * rng.uniform(*style.exposure)
     return np.clip(albedo * shade[:, None] * light_colour.astype(np.float32), 0.0, 1.0)
 
 
@@ -228,7 +239,7 @@ class _Noise3:
     def __init__(self, rng: np.random.Generator) -> None:
         perm = rng.permutation(256)
         self.perm = np.concatenate([perm, perm])
-        self.values = rng.random(256)
+        self.values = rng.random(256, dtype=np.float32)
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         """(M,) noise at points (M, 3) (lattice units)."""
@@ -236,7 +247,7 @@ class _Noise3:
         frac = points - cell
         w = frac * frac * (3.0 - 2.0 * frac)
         i = cell.astype(np.int64) & 255
-        out = np.zeros(points.shape[0])
+        out = np.zeros(points.shape[0], dtype=np.float32)
         for dx in (0, 1):
             px = self.perm[(i[:, 0] + dx) & 255]
             wx = w[:, 0] if dx else 1.0 - w[:, 0]
@@ -272,7 +283,11 @@ def _masked_smooth(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.nda
 
 def _nearest_distance(points: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """(M,) distance from each of points (M, 3) to the nearest of targets (T, 3)."""
-    return np.sqrt(((points[:, None, :] - targets[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
+    best = np.full(points.shape[0], np.inf, dtype=points.dtype)
+    for target in targets:
+        diff = points - target
+        np.minimum(best, np.einsum("ij,ij->i", diff, diff), out=best)
+    return np.sqrt(best)
 
 
 def _smoothstep(lo: float, hi: float, x: np.ndarray) -> np.ndarray:
@@ -291,7 +306,9 @@ def _random_colour(rng: np.random.Generator, saturation: Range, value: Range = (
     saturation and value ranges."""
     hue_ranges = ((30.0, 80.0), (90.0, 120.0), (5.0, 30.0), (0.0, 180.0))  # OpenCV hue units (0..180)
     low, high = hue_ranges[int(rng.choice(4, p=(0.35, 0.25, 0.25, 0.15)))]
-    hsv = np.array([[[rng.uniform(low, high), 255 * rng.uniform(*saturation), 255 * rng.uniform(*value)]]])
+    hsv = np.array(
+        [[[min(179.0, rng.uniform(low, high)), 255 * rng.uniform(*saturation), 255 * rng.uniform(*value)]]]
+    )
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32) / 255.0
 
 
@@ -390,7 +407,9 @@ def _photo_crop(rng: np.random.Generator, photo: np.ndarray, height: int, width:
     crop = photo[y0 : y0 + ch, x0 : x0 + cw]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
-    out = cv2.resize(np.ascontiguousarray(crop), (width, height), interpolation=cv2.INTER_AREA)
+    shrink = ch * cw > height * width
+    method = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    out = cv2.resize(np.ascontiguousarray(crop), (width, height), interpolation=method)
     return out.astype(np.float32) / 255.0
 
 

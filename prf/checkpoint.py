@@ -8,6 +8,7 @@ An export (``<run>/export.pt``) is a dict holding only tensors, str, int, float,
                              rebuild the net with ``prf.models.heads.build_regressor_net``
     arch, backbone           copies of net["arch"], net["backbone"]
     input_size, crop_scale   crop side S in pixels, box side / max(w, h)
+    projection               "perspective" or "weak" (``prf.models.regressor.project_keypoints``)
     normalisation            {mean: [3], std: [3]} applied to crops in [0, 1]
     smal_layout              ``SMAL.layout_signature()`` of the body model it was trained with
     stage, name              "synthetic" | "pretrain" | "finetune", a short name (e.g. "synthetic-pare")
@@ -107,8 +108,9 @@ def plain(value: Any) -> Any:
     raise TypeError(f"cannot store a {type(value).__name__} in an exported checkpoint: {value!r}")
 
 
-def save_export(path: str | os.PathLike[str], net: nn.Module, **fields: Any) -> Path:
-    """Write an export (module docstring) and its ``.sha256`` sidecar; ``fields`` are the other keys.
+def save_export(path: str | os.PathLike[str], model: nn.Module, **fields: Any) -> Path:
+    """Write an export of ``model`` (the net) and its ``.sha256`` sidecar; ``fields`` are the other keys
+    (module docstring).
 
     The state dict is copied to CPU; the file is written to a temporary name and renamed (atomic).
     """
@@ -116,7 +118,7 @@ def save_export(path: str | os.PathLike[str], net: nn.Module, **fields: Any) -> 
     payload = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
-        "state_dict": {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()},
+        "state_dict": {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()},
         **plain(fields),
     }
     missing = [k for k in REQUIRED_KEYS if k not in payload]

@@ -1,7 +1,8 @@
 """``prf evaluate``: an exported regressor's PA-MPJPE, S-MPJPE ("mm") and PCK@0.1 / @0.15 on a dataset.
 
 The numbers follow the training validation exactly (``prf.models.regressor.batch_metrics``): crops from
-``prf.data.transforms.crop_image`` at the checkpoint's input size and crop scale, 3D targets in the camera
+``prf.data.transforms.crop_image`` at the checkpoint's input size and crop scale, the crop cameras from
+the annotations' intrinsics (for checkpoints trained with perspective projection), 3D targets in the camera
 frame (``R @ keypoint_3d``), PCK in crop pixels with the sqrt(silhouette area) normaliser (bbox sqrt(w h)
 when a sample has no mask). Means skip samples where a metric is undefined (no 3D, no visible keypoint).
 """
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from prf.body.smal import SMAL
 from prf.data.datamodule import RegressorDataset, Rows, source_entries
-from prf.models.regressor import VAL_METRICS, batch_metrics, run_regressor
+from prf.models.regressor import VAL_METRICS, batch_metrics
 from prf.predictor import Predictor
 
 
@@ -59,8 +60,8 @@ def evaluate(
     count_3d = 0
     with torch.no_grad():
         for batch in loader:
-            pred = run_regressor(predictor.net, predictor.body, batch["image"].to(predictor.device))
-            pred = {k: v.cpu() if v is not None else None for k, v in pred.items()}
+            prediction = predictor.predict(batch["image"], batch["crop_cam"], batch_size=batch_size)
+            pred = {"keypoints_3d": prediction.keypoints_3d, "keypoints_2d": prediction.keypoints_2d}
             for name, per_sample in batch_metrics(pred, batch, predictor.input_size).items():
                 values[name].append(per_sample)
             count_3d += int((batch["has_3d"] > 0).sum())

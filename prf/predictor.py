@@ -12,10 +12,15 @@ Conventions (one definition, shared with training in ``prf.models.regressor.run_
 - SMAL is posed with the predicted betas and rotations and ``trans = 0``; ``keypoints_3d`` are relative to
   the root joint, metres, camera-aligned. Compare them with an annotation's ``R @ keypoint_3d`` (R the
   camera rotation, I for Animal3D) through translation-free metrics (PA-MPJPE, S-MPJPE).
-- 2D keypoints: weak perspective ``n = s * (X_xy + [tx, ty])`` with ``cam = [s, tx, ty]`` gives normalised
-  crop coordinates in [-1, 1]; ``keypoints_2d_crop = (n + 1) * S / 2 - 0.5`` are crop pixels (pixel centres
-  at integers, as cv2), i.e. ``(n + 1) / 2 * S`` from the crop's left/top edge. Map them back to image
-  pixels with the inverse of the crop affine.
+- 2D keypoints: ``cam = [s, tx, ty]`` is a weak-perspective camera, ``n = s * (X_xy + [tx, ty])`` in
+  normalised crop coordinates [-1, 1]. A checkpoint trained with ``projection: perspective`` (the default)
+  projects through the crop's pinhole camera instead when it is given (``crop_cameras``, from the image
+  intrinsics: ``Predictor.prepare(..., intrinsics=K)`` or ``prf.data.transforms.crop_camera``), which is
+  what it was trained on; see ``prf.models.regressor.project_keypoints``. Without crop cameras it falls
+  back to weak perspective (close, wide-angle views then lose a few PCK points).
+  ``keypoints_2d_crop = (n + 1) * S / 2 - 0.5`` are crop pixels (pixel centres at integers, as cv2), i.e.
+  ``(n + 1) / 2 * S`` from the crop's left/top edge; map them to image pixels with the inverse crop affine
+  (``prf.geometry.invert_affine``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from torch import Tensor
 
 from prf.body.smal import SMAL
 from prf.checkpoint import build_net_from_export, check_layout, load_export, sha256_file
-from prf.data.transforms import crop_image, from_normalised, normalise_image
+from prf.data.transforms import crop_camera, crop_image, from_normalised, normalise_image
 from prf.models.regressor import keypoint_only_smal, run_regressor
 
 
@@ -45,6 +50,7 @@ class Prediction:
         cam: (B, 3) weak-perspective [s, tx, ty].
         keypoints_3d: (B, 26, 3) metres, root-relative, camera-aligned.
         keypoints_2d_crop: (B, 26, 2) crop pixels.
+        keypoints_2d: (B, 26, 2) the same in normalised crop coordinates [-1, 1].
     """
 
     pose_rotmat: Tensor
@@ -52,6 +58,7 @@ class Prediction:
     cam: Tensor
     keypoints_3d: Tensor
     keypoints_2d_crop: Tensor
+    keypoints_2d: Tensor
 
     def __len__(self) -> int:
         return int(self.cam.shape[0])
@@ -63,6 +70,7 @@ class Predictor:
     Attributes:
         input_size: S; crop_scale: box side / max(w, h); mean, std: normalisation.
         sha256: hex digest of the checkpoint file; name: a short name (e.g. "synthetic-pare");
+        projection: "perspective" (uses crop cameras when given) or "weak";
         stage, arch, backbone: from the export; export_metrics: its final validation metrics;
         smal_layout: the layout it was trained for.
     """
@@ -88,6 +96,7 @@ class Predictor:
         self.stage = str(export["stage"])
         self.arch = str(export["arch"])
         self.backbone = str(export["backbone"])
+        self.projection = str(export.get("projection", "weak"))
         self.export_metrics: dict[str, float] = dict(export.get("metrics") or {})
         self.smal_layout: dict[str, Any] = dict(export["smal_layout"])
 
@@ -109,23 +118,37 @@ class Predictor:
         name = str(export.get("name") or path.stem)
         return cls(net, keypoint_only_smal(body_model), export, sha256_file(path), name, device)
 
-    def prepare(self, image: np.ndarray, bbox: np.ndarray | list[float]) -> tuple[Tensor, np.ndarray]:
-        """One image -> its normalised crop (3, S, S) float32 and the (2, 3) image -> crop affine."""
+    def prepare(
+        self, image: np.ndarray, bbox: np.ndarray | list[float], intrinsics: np.ndarray | None = None
+    ) -> tuple[Tensor, np.ndarray, Tensor | None]:
+        """One image -> (normalised crop (3, S, S) float32, (2, 3) image -> crop affine, crop camera (3,)
+        [f, px, py] in crop pixels from the (3, 3) ``intrinsics``, or None without them)."""
         crop, affine = crop_image(image, bbox, self.input_size, self.crop_scale)
-        return normalise_image(crop, self.mean, self.std), affine
+        camera = None
+        if intrinsics is not None:
+            camera = torch.as_tensor(crop_camera(intrinsics, affine), dtype=torch.float32)
+        return normalise_image(crop, self.mean, self.std), affine, camera
 
     @torch.no_grad()
-    def predict(self, crops: Tensor, batch_size: int = 64) -> Prediction:
-        """(B, 3, S, S) normalised crops -> Prediction, in chunks of ``batch_size`` (no gradients)."""
+    def predict(self, crops: Tensor, crop_cameras: Tensor | None = None, batch_size: int = 64) -> Prediction:
+        """(B, 3, S, S) normalised crops (+ optional (B, 3) crop cameras [f, px, py], crop pixels) ->
+        Prediction, in chunks of ``batch_size`` (no gradients). Crop cameras are ignored by a checkpoint
+        trained with weak perspective."""
         if crops.dim() != 4 or tuple(crops.shape[1:]) != (3, self.input_size, self.input_size):
             raise ValueError(
                 f"expected crops of shape (B, 3, {self.input_size}, {self.input_size}) (normalised, see "
                 f"Predictor.prepare), got {tuple(crops.shape)}"
             )
+        if crop_cameras is not None and tuple(crop_cameras.shape) != (crops.shape[0], 3):
+            raise ValueError(
+                f"crop_cameras must have shape ({crops.shape[0]}, 3), got {tuple(crop_cameras.shape)}"
+            )
+        use_cameras = crop_cameras is not None and self.projection == "perspective"
         parts: list[dict[str, Tensor]] = []
         for start in range(0, crops.shape[0], batch_size):
             chunk = crops[start : start + batch_size].to(self.device, torch.float32)
-            out = run_regressor(self.net, self.body, chunk)
+            cams = crop_cameras[start : start + batch_size].to(self.device) if use_cameras else None
+            out = run_regressor(self.net, self.body, chunk, cams)
             parts.append({k: v.cpu() for k, v in out.items() if v is not None and k != "part_logits"})
         if not parts:
             raise ValueError("predict() got an empty batch of crops")
@@ -136,4 +159,5 @@ class Predictor:
             cam=merged["cam"],
             keypoints_3d=merged["keypoints_3d"],
             keypoints_2d_crop=from_normalised(merged["keypoints_2d"], self.input_size),
+            keypoints_2d=merged["keypoints_2d"],
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,7 @@ from prf.models.regressor import VAL_METRICS, OptimConfig, RegressorModule
 logger = logging.getLogger(__name__)
 
 STAGES = ("synthetic", "pretrain", "finetune")
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Keys that may change between a run and its resumption (everything else must match config.yaml).
 RESUMABLE_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.fast_dev_run", "data.num_workers")
@@ -67,6 +69,7 @@ class ModelSection(_Section):
     out_index: int = -1
     pretrained_path: str | None = None
     input_size: int = Field(224, ge=16)
+    projection: Literal["perspective", "weak"] = "perspective"
     head: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -136,7 +139,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} must look like key.sub=value (e.g. optim.lr=1e-4)")
-        out[key.strip()] = yaml.safe_load(text)
+        value = yaml.safe_load(text)
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        out[key.strip()] = value
     return out
 
 
@@ -187,7 +193,9 @@ def _check_resume(run_dir: Path, resolved: dict[str, Any]) -> None:
         return
     saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
     now = _flatten(resolved)
-    differing = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k))
+    differing = sorted(
+        k for k in set(saved) | set(now) if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k)
+    )
     if differing:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differing[:5])
         raise ValueError(
@@ -209,7 +217,9 @@ def _load_init(init: Path, net: torch.nn.Module, smal: SMAL, cfg: TrainConfig) -
         )
     net.load_state_dict(export["state_dict"])
     if int(export["input_size"]) != cfg.model.input_size:
-        logger.warning("--init was trained at %s px, this run uses %s px", export["input_size"], cfg.model.input_size)
+        logger.warning(
+            "--init was trained at %s px, this run uses %s px", export["input_size"], cfg.model.input_size
+        )
 
 
 def run_train(
@@ -247,11 +257,14 @@ def run_train(
     if not cfg.data.train:
         raise ValueError("no training data: pass --data (a BATCH folder or an Animal3D-format JSON)")
     if stage == "finetune" and init is None:
-        raise ValueError("the finetune stage starts from the pretrain export: pass --init <pretrain run>/export.pt")
+        raise ValueError(
+            "the finetune stage starts from the pretrain export: pass --init <pretrain run>/export.pt"
+        )
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{stage}-{cfg.model.arch}"
     resolved = {"stage": stage, "init": os.fspath(init) if init else None, **plain(cfg.model_dump())}
     last = run_dir / "last.ckpt"
-    if last.is_file():
+    resume = last.is_file() and not cfg.trainer.fast_dev_run
+    if resume:
         _check_resume(run_dir, resolved)
 
     pl.seed_everything(cfg.seed, workers=True)
@@ -277,7 +290,9 @@ def run_train(
     )
     if init is not None:
         _load_init(Path(init), net, smal, cfg)
-    module = RegressorModule(net, smal, cfg.loss, cfg.optim, cfg.model.input_size, {"config": resolved})
+    module = RegressorModule(
+        net, smal, cfg.loss, cfg.optim, cfg.model.input_size, cfg.model.projection, {"config": resolved}
+    )
     datamodule = RegressorDataModule(
         cfg.data.train,
         cfg.data.val or None,
@@ -297,7 +312,7 @@ def run_train(
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     scores = {k.removeprefix("val/"): float(v) for k, v in (results[0] if results else {}).items()}
     export_path = run_dir / "export.pt"
@@ -310,6 +325,7 @@ def run_train(
             backbone=cfg.model.backbone,
             input_size=cfg.model.input_size,
             crop_scale=cfg.data.crop_scale,
+            projection=cfg.model.projection,
             normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             smal_layout=smal.layout_signature(),
             stage=stage,
@@ -323,7 +339,11 @@ def run_train(
 
 
 def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
-    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=run_dir, filename="epoch{epoch:04d}", save_last=True, save_top_k=0)]
+    callbacks: list[pl.Callback] = []
+    if not t.fast_dev_run:
+        callbacks.append(
+            ModelCheckpoint(dirpath=run_dir, filename="epoch{epoch:04d}", save_last=True, save_top_k=0)
+        )
     if t.progress_bar:
         callbacks.append(RichProgressBar())
     optional = {
@@ -344,6 +364,7 @@ def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
         deterministic=t.deterministic,
         fast_dev_run=t.fast_dev_run,
         callbacks=callbacks,
+        enable_checkpointing=not t.fast_dev_run,
         logger=CSVLogger(save_dir=run_dir, name="logs"),
         default_root_dir=run_dir,
         enable_progress_bar=t.progress_bar,

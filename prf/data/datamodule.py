@@ -10,6 +10,8 @@ One item (a dict of tensors; ``build_item`` makes it):
     betas      (NB,) float32
     kp2d       (K, 2) float32 keypoints in normalised crop coordinates [-1, 1]
     vis        (K,) float32 visibility (1 visible, 0 not)
+    crop_cam   (3,) float32 [f, px, py]: the crop's pinhole camera in crop pixels (``transforms.crop_camera``
+               of the annotation's intrinsics; Animal3D samples use ``Annotation.intrinsics()``'s default)
     kp3d       (K, 3) float32 camera-frame keypoints ``R_cam @ X`` (no translation), metres
     part_mask  (S', S') int64 fine part labels (``prf.body.layout.FINE_PARTS``, 0 background); all zeros
                where ``has_parts`` is 0
@@ -190,6 +192,7 @@ def build_item(
     kp = annotation.keypoints_2d_array()
     kp2d = T.to_normalised(T.apply_affine(kp[:, :2], affine), input_size)
     vis = (kp[:, 2] > 0).astype(np.float64)
+    crop_cam = T.crop_camera(annotation.intrinsics(), affine)
     r_cam = _camera_rotation(annotation)
     kp3d = annotation.keypoints_3d_array() @ r_cam.T
     has_3d = bool(np.abs(kp3d).max() > 0)
@@ -220,6 +223,7 @@ def build_item(
         "betas": torch.as_tensor(annotation.betas(num_betas), dtype=torch.float32),
         "kp2d": torch.as_tensor(kp2d, dtype=torch.float32),
         "vis": torch.as_tensor(vis, dtype=torch.float32),
+        "crop_cam": torch.as_tensor(crop_cam, dtype=torch.float32),
         "kp3d": torch.as_tensor(kp3d, dtype=torch.float32),
         "part_mask": torch.as_tensor(part_mask.astype(np.int64)),
         "has_mask": torch.tensor(float(labels is not None)),
@@ -278,7 +282,9 @@ class RegressorDataset(Dataset):
             # Drawn from torch's RNG so Lightning's seed_everything(workers=True) makes runs repeatable.
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
             aug = self.augment
-            params = T.sample_augment(rng, aug.rotation_deg, aug.scale_jitter, aug.flip_prob, aug.rotation_prob)
+            params = T.sample_augment(
+                rng, aug.rotation_deg, aug.scale_jitter, aug.flip_prob, aug.rotation_prob
+            )
             colour = aug.colour_jitter
         item = build_item(
             image,
@@ -364,7 +370,13 @@ class RegressorDataModule(pl.LightningDataModule):
 
     def _dataset(self, entries: list[SampleEntry], augment: AugmentConfig | None) -> RegressorDataset:
         return RegressorDataset(
-            entries, self.input_size, self.joint_names, self.num_betas, augment, self.mask_size, self.crop_scale
+            entries,
+            self.input_size,
+            self.joint_names,
+            self.num_betas,
+            augment,
+            self.mask_size,
+            self.crop_scale,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -74,6 +74,21 @@ def apply_affine(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return points @ affine[:, :2].T + affine[:, 2]
 
 
+def crop_camera(K: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(3,) float64 [f, px, py]: the pinhole camera of a crop in crop pixels, from the image intrinsics K
+    (3, 3) and the image -> crop affine (2, 3): focal ``sqrt(fx fy) * zoom`` (zoom = sqrt|det A|) and the
+    principal point mapped through the affine.
+
+    Valid for every ``crop_affine`` (rotation and flip included) when the 3D targets are rotated / mirrored
+    with it (``rotate_targets``, ``flip_keypoints_3d``): the rotation and mirror cancel in ``A K Rz^T M``.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    zoom = math.sqrt(abs(np.linalg.det(affine[:, :2])))
+    focal = math.sqrt(abs(K[0, 0] * K[1, 1])) * zoom
+    principal = apply_affine(K[:2, 2][None], affine)[0]
+    return np.array([focal, principal[0], principal[1]])
+
+
 def _warp(array: np.ndarray, affine: np.ndarray, size: int, interpolation: int) -> np.ndarray:
     return cv2.warpAffine(
         array, affine, (size, size), flags=interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=0

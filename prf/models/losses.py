@@ -92,17 +92,16 @@ def part_segmentation_loss(
     Returns:
         () mean over counted pixels (0 when none counts).
     """
-    B, P, h, w = part_logits.shape
+    P, (h, w) = part_logits.shape[1], part_logits.shape[2:]
     J = membership.shape[1]
     if P not in (J, J + 1):
         raise ValueError(f"part_logits has {P} channels; expected {J} joints or {J + 1} (with background)")
-    joint_logits = part_logits[:, P - J :]
-    log_member = torch.where(membership, 0.0, float("-inf")).to(part_logits)  # (F, J)
-    fine = torch.logsumexp(joint_logits[:, None] + log_member[None, :, :, None, None], dim=2)  # (B, F, h, w)
-    has_joint = membership.any(dim=1)
+    log_member = torch.where(membership, 0.0, -1e4).to(part_logits)  # (F, J); finite keeps grads finite
+    fine = torch.logsumexp(part_logits[:, None, P - J :] + log_member[None, :, :, None, None], dim=2)
+    has_joint = membership.any(dim=1).clone()
     if P == J + 1:
-        fine[:, 0] = part_logits[:, 0]
-        has_joint = has_joint.clone()
+        background = F.one_hot(torch.tensor(0), len(has_joint)).to(part_logits)[None, :, None, None]
+        fine = torch.where(background > 0, part_logits[:, :1], fine)
         has_joint[0] = True
     fine = torch.where(has_joint[None, :, None, None], fine, torch.full_like(fine, -1e4))
     labels = F.interpolate(part_mask[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
@@ -126,7 +125,9 @@ class RegressorLoss(nn.Module):
         self.config = config
         self.register_buffer("membership", part_membership(joint_names), persistent=False)
 
-    def forward(self, pred: dict[str, Tensor | None], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, pred: dict[str, Tensor | None], batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.config
         has_3d = batch["has_3d"]
         terms: dict[str, Tensor] = {

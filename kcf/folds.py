@@ -1,0 +1,270 @@
+"""K-fold assignment, the per-fold work folder (resumable), and training / scoring one fold.
+
+Fold assignment (``assign_folds``): the image ids, sorted, are shuffled with ``numpy.random.default_rng(
+seed)`` and cut into K contiguous chunks whose sizes differ by at most one (``numpy.array_split``; 3D-DST
+gives the remainder to the last fold instead). The same ids and seed always give the same folds.
+
+Work folder (``FoldStore``), next to the SCORES file (``scores.parquet`` -> ``scores.kcf/``)::
+
+    run.json                what the run is (config, seed, K, a digest of the labelled images): a rerun
+                            with anything else is refused unless restarted
+    fold_<k>/last.ckpt      Lightning checkpoint while fold k trains (resumes mid-fold; deleted when done)
+    fold_<k>/model.pt       the fold's trained classifier ({"state_dict", "net", "bins", "fold"})
+    fold_<k>/scores.parquet the held-out scores of fold k
+    fold_<k>/done.json      written last: fold k is finished (with its train / score wall times)
+
+A rerun skips every finished fold, scores a fold whose model exists but whose scores do not, and resumes a
+fold's training from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from torch.utils.data import DataLoader
+
+from kcf.data import HEADS, AngleBins, KCFDataset, KCFItem
+from kcf.model import KCFModule, OptimSettings, build_pose_classifier
+from prf.data.io import atomic_write_bytes, atomic_write_json
+
+FOLD_COLUMNS = (
+    "image_id", "fold", "ce", "ce_azimuth", "ce_elevation", "ce_theta", "geodesic",
+    "pred_azimuth", "pred_elevation", "pred_theta", "error",
+)  # fmt: skip
+
+
+def assign_folds(image_ids: Sequence[str], k: int, seed: int) -> dict[str, int]:
+    """Map each image id to its fold in [0, K) (module docstring). Raises if ids repeat or N < K."""
+    ids = sorted(image_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("image ids must be unique to assign folds")
+    if k < 2:
+        raise ValueError(f"K-fold needs at least 2 folds, got {k}")
+    if len(ids) < k:
+        raise ValueError(f"{len(ids)} labelled images cannot fill {k} folds; use fewer folds or more images")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    folds: dict[str, int] = {}
+    for fold, chunk in enumerate(np.array_split(order, k)):
+        folds.update({ids[i]: fold for i in chunk})
+    return folds
+
+
+def items_digest(items: Sequence[KCFItem]) -> str:
+    """sha256 over the labelled images (id, image path as shown, angles): a rerun must see the same."""
+    digest = hashlib.sha256()
+    for item in sorted(items, key=lambda i: i.image_id):
+        digest.update(json.dumps([item.image_id, item.image, list(item.angles)]).encode() + b"\n")
+    return digest.hexdigest()
+
+
+class FoldStore:
+    """The work folder of one KCF run (module docstring)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def claim(self, signature: dict[str, Any], restart: bool = False) -> bool:
+        """Start or resume the run described by ``signature`` (JSON-able). Returns True when resuming.
+
+        Raises ValueError if the folder holds another run (unless ``restart``, which deletes it).
+        """
+        run_file = self.root / "run.json"
+        if restart and self.root.exists():
+            shutil.rmtree(self.root)
+        if run_file.is_file():
+            saved = json.loads(run_file.read_text(encoding="utf-8"))
+            if saved != json.loads(json.dumps(signature)):
+                changed = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
+                raise ValueError(
+                    f"{self.root} holds a KCF run with other settings or images (differs in {changed}); "
+                    "rerun with the same settings to resume, pass restart=True (--restart) to start over, "
+                    "or write to another --out"
+                )
+            return True
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_file, signature)
+        return False
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.root / f"fold_{fold}"
+
+    def model_path(self, fold: int) -> Path:
+        return self.fold_dir(fold) / "model.pt"
+
+    def last_checkpoint(self, fold: int) -> Path:
+        return self.fold_dir(fold) / "last.ckpt"
+
+    def is_done(self, fold: int) -> bool:
+        return (self.fold_dir(fold) / "done.json").is_file() and (self.fold_dir(fold) / "scores.parquet").is_file()
+
+    def done_info(self, fold: int) -> dict[str, Any]:
+        return json.loads((self.fold_dir(fold) / "done.json").read_text(encoding="utf-8"))
+
+    def load_scores(self, fold: int) -> pd.DataFrame:
+        return pq.read_table(self.fold_dir(fold) / "scores.parquet").to_pandas()
+
+    def finish(self, fold: int, scores: pd.DataFrame, info: dict[str, Any]) -> None:
+        """Write the fold's scores, then ``done.json`` (the marker), atomically; drop ``last.ckpt``."""
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(scores, preserve_index=False), buffer)
+        atomic_write_bytes(self.fold_dir(fold) / "scores.parquet", buffer.getvalue())
+        atomic_write_json(self.fold_dir(fold) / "done.json", info)
+        self.last_checkpoint(fold).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """What one fold needs to train and score (built by ``kcf.run`` from its KCFConfig)."""
+
+    seed: int
+    bins: AngleBins
+    backbone: str
+    out_index: int
+    pretrained_path: str | None
+    dropout: float
+    input_size: int
+    crop: str
+    crop_scale: float
+    batch_size: int
+    score_batch_size: int
+    num_workers: int
+    optim: OptimSettings
+    trainer: dict[str, Any]
+    progress_bar: bool
+
+
+def _loader(dataset: KCFDataset, batch_size: int, workers: int, shuffle: bool, seed: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle and len(dataset) > batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    )
+
+
+def _trainer(spec: FoldSpec, fold_dir: Path) -> pl.Trainer:
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(dirpath=fold_dir, filename="epoch{epoch:04d}", save_last=True, save_top_k=0)
+    ]
+    if spec.progress_bar:
+        callbacks.append(RichProgressBar())
+    return pl.Trainer(
+        **spec.trainer,
+        callbacks=callbacks,
+        logger=False,
+        default_root_dir=fold_dir,
+        enable_progress_bar=spec.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+def _module(spec: FoldSpec) -> KCFModule:
+    net = build_pose_classifier(spec.backbone, spec.bins.num_bins, spec.out_index, spec.pretrained_path, spec.dropout)
+    return KCFModule(net, spec.bins, spec.optim)
+
+
+def _dataset(spec: FoldSpec, items: Sequence[KCFItem], module: KCFModule) -> KCFDataset:
+    backbone = module.net.backbone
+    return KCFDataset(
+        items, spec.bins, spec.input_size, spec.crop, spec.crop_scale, backbone.input_mean, backbone.input_std
+    )
+
+
+def train_fold(spec: FoldSpec, fold: int, train_items: Sequence[KCFItem], store: FoldStore) -> tuple[KCFModule, float]:
+    """Train fold ``fold``'s classifier on ``train_items`` (resuming from its ``last.ckpt``), save
+    ``model.pt``; returns (module, training wall seconds of this call)."""
+    fold_dir = store.fold_dir(fold)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(spec.seed + 1000 * fold, workers=True, verbose=False)
+    module = _module(spec)
+    dataset = _dataset(spec, train_items, module)
+    loader = _loader(dataset, spec.batch_size, spec.num_workers, True, spec.seed + fold)
+    last = store.last_checkpoint(fold)
+    started = time.perf_counter()
+    trainer = _trainer(spec, fold_dir)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=last if last.is_file() else None)
+    seconds = time.perf_counter() - started
+    torch.save(
+        {
+            "format": "kcf-fold-model",
+            "fold": fold,
+            "state_dict": module.net.state_dict(),
+            "net": {"backbone": spec.backbone, "out_index": spec.out_index, "dropout": spec.dropout},
+            "bins": spec.bins.describe(),
+            "input_size": spec.input_size,
+            "epochs_trained": int(trainer.current_epoch),
+        },
+        store.model_path(fold),
+    )
+    return module, seconds
+
+
+def load_fold_module(spec: FoldSpec, store: FoldStore, fold: int) -> KCFModule:
+    """The classifier saved as fold ``fold``'s ``model.pt``."""
+    module = _module(spec)
+    saved = torch.load(store.model_path(fold), map_location="cpu", weights_only=True)
+    module.net.load_state_dict(saved["state_dict"])
+    return module
+
+
+def score_fold(
+    spec: FoldSpec, fold: int, module: KCFModule, held_out: Sequence[KCFItem], store: FoldStore
+) -> tuple[pd.DataFrame, float]:
+    """Score the held-out images with the fold's classifier; returns (FOLD_COLUMNS frame, wall seconds)."""
+    dataset = _dataset(spec, held_out, module)
+    loader = _loader(dataset, spec.score_batch_size, spec.num_workers, False, spec.seed)
+    started = time.perf_counter()
+    trainer = pl.Trainer(
+        **spec.trainer,
+        logger=False,
+        enable_progress_bar=spec.progress_bar,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[RichProgressBar()] if spec.progress_bar else [],
+    )
+    outputs = trainer.predict(module, dataloaders=loader, return_predictions=True) or []
+    seconds = time.perf_counter() - started
+    rows = []
+    for out in outputs:
+        centres = spec.bins.centres(out["pred_bins"])
+        for j, index in enumerate(out["index"].tolist()):
+            ok = bool(out["ok"][j])
+            ce = out["ce"][j].tolist() if ok else [float("nan")] * len(HEADS)
+            rows.append(
+                {
+                    "image_id": held_out[index].image_id,
+                    "fold": fold,
+                    "ce": float(sum(ce)),
+                    "ce_azimuth": ce[0],
+                    "ce_elevation": ce[1],
+                    "ce_theta": ce[2],
+                    "geodesic": float(out["geodesic"][j]) if ok else float("nan"),
+                    "pred_azimuth": float(centres[j, 0]) if ok else float("nan"),
+                    "pred_elevation": float(centres[j, 1]) if ok else float("nan"),
+                    "pred_theta": float(centres[j, 2]) if ok else float("nan"),
+                    "error": out["error"][j],
+                }
+            )
+    frame = pd.DataFrame(rows, columns=list(FOLD_COLUMNS)).sort_values("image_id", ignore_index=True)
+    return frame, seconds

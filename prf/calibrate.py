@@ -1,0 +1,396 @@
+"""``prf calibrate``: choose per-model thresholds from labelled images and write a thresholds.yaml.
+
+Legend: N labelled scored images, C candidate thresholds of one metric.
+
+Labels: a CSV with columns ``image_id`` and ``keep`` (1 / 0, keep / reject, true / false, yes / no), or a
+BATCH folder whose manifest's ``injected_failure`` says which images are failures (anything but "none").
+Images that errored or have no label are left out.
+
+Search: each (model, metric) threshold is chosen among that metric's observed values (at most 256
+quantiles) by coordinate ascent: one threshold at a time is set to its best value with the others fixed,
+sweeping until nothing changes. It starts from thresholds that keep every scored image. Objectives:
+
+- default: the best F1 of the rejected images as a detector of failures (ties go to the looser threshold);
+- ``target_precision`` P: starting from the best-F1 thresholds, the loosest thresholds whose KEPT images
+  are at least a share P faithful (precision of the kept set), i.e. the most faithful images kept subject
+  to that precision. Coordinate ascent is greedy, not an exhaustive search over all combinations.
+
+The combine rule (all / any), the PCK alpha and normalisation are those the SCORES file was made with, so
+the written thresholds mean the same thing as the columns they were chosen on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from prf.data.io import atomic_write_bytes
+from prf.score_io import now_iso, read_provenance, read_thresholds_of
+from prf.thresholds import METRICS, ModelThresholds, PCKThreshold, ThresholdsConfig, dump_thresholds
+
+DEFAULT_METRICS = ("pa_mpjpe", "s_mpjpe", "pck")
+MAX_CANDIDATES = 256
+MAX_SWEEPS = 12
+_TRUE = {"1", "keep", "true", "yes", "kept", "ok"}
+_FALSE = {"0", "reject", "false", "no", "rejected", "failure"}
+
+
+def load_labels(labels: str | os.PathLike[str]) -> dict[str, bool]:
+    """image_id -> True for a FAILURE (an image that should be rejected), from a CSV or a BATCH folder."""
+    path = Path(labels)
+    if not path.exists():
+        raise FileNotFoundError(f"labels {path} do not exist (a CSV with image_id,keep or a BATCH folder)")
+    if path.is_dir():
+        from prf.data.batch import BatchReader
+
+        manifest = BatchReader(path).manifest
+        return dict(zip(manifest["image_id"], manifest["injected_failure"] != "none", strict=True))
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise ValueError(f"{path}: not a readable CSV ({err})") from None
+    missing = [c for c in ("image_id", "keep") if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: needs columns image_id and keep, missing {missing} (has {list(frame.columns)})"
+        )
+    out: dict[str, bool] = {}
+    for line, (image_id, value) in enumerate(zip(frame["image_id"], frame["keep"], strict=True), start=2):
+        text = value.strip().lower()
+        if text not in _TRUE | _FALSE:
+            raise ValueError(f"{path} line {line}: keep must be 1/0 or keep/reject, got {value!r}")
+        out[image_id] = text in _FALSE
+    return out
+
+
+@dataclass
+class Curve:
+    """ROC and precision-recall of one metric as a failure detector (higher = more likely a failure)."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    auroc: float
+
+
+@dataclass
+class CalibrationResult:
+    """Chosen thresholds and their quality on the labelled images (reject = positive class)."""
+
+    config: ThresholdsConfig
+    objective: str
+    labelled: int
+    failures: int
+    kept: int
+    precision: float
+    recall: float
+    f1: float
+    keep_precision: float
+    false_positive_rate: float
+    curves: dict[str, Curve] = field(default_factory=dict)
+    out: Path | None = None
+    plot: Path | None = None
+
+    def renderable(self) -> Any:
+        """A rich table of the chosen values and the resulting precision / recall / F1."""
+        from rich.console import Group
+        from rich.table import Table
+
+        chosen = Table(title=f"prf calibrate ({self.objective}, combine: {self.config.combine})")
+        for column in ("model", "metric", "threshold", "AUROC alone"):
+            chosen.add_column(column)
+        for name, model in self.config.models.items():
+            for check in model.checks():
+                curve = self.curves.get(f"{name}_{check.metric}")
+                auroc = f"{curve.auroc:.3f}" if curve is not None else "-"
+                chosen.add_row(
+                    name, check.metric, f"{check.op} {check.limit:.6g} {METRICS[check.metric][2]}", auroc
+                )
+        quality = Table(
+            title=f"on {self.labelled} labelled images ({self.failures} failures)", show_header=False
+        )
+        quality.add_row(
+            "rejects: precision / recall / F1", f"{self.precision:.3f} / {self.recall:.3f} / {self.f1:.3f}"
+        )
+        quality.add_row("kept images", f"{self.kept} ({self.keep_precision:.3f} of them faithful)")
+        quality.add_row("faithful images rejected", f"{self.false_positive_rate:.3f}")
+        return Group(chosen, quality)
+
+
+def _badness(values: np.ndarray, metric: str) -> np.ndarray:
+    """Metric -> a score where larger is worse (PCK is negated); NaN stays NaN (it never passes)."""
+    return -values if METRICS[metric][1] == ">=" else values
+
+
+def _candidates(bad: np.ndarray) -> np.ndarray:
+    """Observed values (at most MAX_CANDIDATES quantiles), ascending, then +inf meaning "no threshold"."""
+    finite = np.unique(bad[np.isfinite(bad)])
+    if finite.size > MAX_CANDIDATES:
+        finite = np.unique(np.quantile(finite, np.linspace(0.0, 1.0, MAX_CANDIDATES), method="nearest"))
+    return np.append(finite, np.inf)
+
+
+def _passes(bad: np.ndarray, limit: np.ndarray | float) -> np.ndarray:
+    """bad <= limit, where an infinite limit (no threshold) passes everything, NaN included."""
+    return (bad <= limit) | np.isinf(limit)
+
+
+def _quality(keep: np.ndarray, failure: np.ndarray) -> dict[str, np.ndarray]:
+    """keep (N, C) bool, failure (N,) bool -> per-candidate counts and scores (reject = positive)."""
+    f = failure[:, None]
+    tp = (~keep & f).sum(0).astype(float)
+    fp = (~keep & ~f).sum(0).astype(float)
+    fn = (keep & f).sum(0).astype(float)
+    kept = keep.sum(0).astype(float)
+    kept_good = (keep & ~f).sum(0).astype(float)
+    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=tp + fn > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0
+    )
+    keep_precision = np.divide(kept_good, kept, out=np.zeros_like(tp), where=kept > 0)
+    fpr = np.divide(fp, (~failure).sum(), out=np.zeros_like(tp), where=(~failure).sum() > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "keep_precision": keep_precision,
+            "kept": kept, "kept_good": kept_good, "fpr": fpr}  # fmt: skip
+
+
+class _Search:
+    """Coordinate ascent over one threshold per (model, metric) (module docstring)."""
+
+    def __init__(self, bad: dict[tuple[str, str], np.ndarray], failure: np.ndarray, combine: str) -> None:
+        self.bad, self.failure, self.combine = bad, failure, combine
+        self.models = list(dict.fromkeys(m for m, _ in bad))
+        self.candidates = {key: _candidates(values) for key, values in bad.items()}
+        self.limits = {key: np.inf for key in bad}  # start: no thresholds, every image kept
+
+    def _model_pass(self, model: str, skip: tuple[str, str] | None = None) -> np.ndarray:
+        ok = np.ones(self.failure.shape, dtype=bool)
+        for key, values in self.bad.items():
+            if key[0] == model and key != skip:
+                ok &= _passes(values, self.limits[key])
+        return ok
+
+    def keep(self) -> np.ndarray:
+        passes = np.stack([self._model_pass(m) for m in self.models])
+        return passes.all(0) if self.combine == "all" else passes.any(0)
+
+    def _keep_for(self, key: tuple[str, str]) -> np.ndarray:
+        """(N, C) final verdict for each candidate of ``key`` with the other thresholds fixed."""
+        this = _passes(self.bad[key][:, None], self.candidates[key][None, :])
+        model_pass = self._model_pass(key[0], skip=key)[:, None] & this
+        others = [self._model_pass(m) for m in self.models if m != key[0]]
+        if not others:
+            return model_pass
+        rest = np.stack(others)
+        if self.combine == "all":
+            return rest.all(0)[:, None] & model_pass
+        return rest.any(0)[:, None] | model_pass
+
+    def run(self, score: Any) -> None:
+        """Maximise ``score(quality dict) -> (C,) structured objective`` coordinate by coordinate."""
+        for _ in range(MAX_SWEEPS):
+            changed = False
+            for key, cands in self.candidates.items():
+                objective = score(_quality(self._keep_for(key), self.failure))
+                best = max(range(cands.size), key=lambda c: (*objective[c], c))  # ties: the looser one
+                if cands[best] != self.limits[key]:
+                    self.limits[key], changed = cands[best], True
+            if not changed:
+                return
+
+
+def _curve(bad: np.ndarray, failure: np.ndarray) -> Curve | None:
+    from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+
+    if failure.all() or not failure.any():
+        return None
+    worst = np.nanmax(bad) + 1.0 if np.isfinite(bad).any() else 1.0
+    filled = np.where(np.isfinite(bad), bad, worst)
+    fpr, tpr, _ = roc_curve(failure, filled)
+    precision, recall, _ = precision_recall_curve(failure, filled)
+    return Curve(fpr, tpr, precision, recall, float(roc_auc_score(failure, filled)))
+
+
+def _load_table(scores: Path, names: list[str], metrics: list[str]) -> pd.DataFrame:
+    columns = ["image_id", "status"] + [f"{n}_{m}" for n in names for m in metrics]
+    missing = [c for c in columns if c not in pq.read_schema(scores).names]
+    if missing:
+        raise ValueError(f"{scores} lacks the columns {missing}; was it written by prf score?")
+    return pq.read_table(scores, columns=columns).to_pandas()
+
+
+def calibrate(
+    scores: str | os.PathLike[str],
+    labels: str | os.PathLike[str],
+    target_precision: float | None = None,
+    out: str | os.PathLike[str] = "thresholds.yaml",
+    plot: str | os.PathLike[str] | None = None,
+    metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS,
+) -> CalibrationResult:
+    """Choose thresholds on SCORES + labels (module docstring), write ``out`` and the ROC / PR plot.
+
+    Args:
+        scores: a SCORES Parquet file from ``prf score``.
+        labels: CSV (image_id, keep) or a BATCH folder (injected_failure != "none" = reject).
+        target_precision: None for best F1, else the share of kept images that must be faithful (0-1).
+        out: thresholds.yaml to write (atomically); plot: PNG (default ``<out stem>.roc.png``).
+        metrics: which metrics get thresholds (column suffixes: pa_mpjpe, s_mpjpe, pck, max_kp_error).
+    """
+    scores, out = Path(scores), Path(out)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
+    if target_precision is not None and not 0.0 < target_precision <= 1.0:
+        raise ValueError(f"--target-precision is a share in (0, 1], got {target_precision}")
+    if not scores.is_file():
+        raise FileNotFoundError(f"SCORES file {scores} does not exist (make it with prf score)")
+    provenance = read_provenance(scores)
+    source = read_thresholds_of(provenance)
+    names = source.model_names()
+    label_of = load_labels(labels)
+    table = _load_table(scores, names, list(metrics))
+    table = table[(table["status"] == "ok") & table["image_id"].isin(label_of.keys())]
+    failure = np.array([label_of[i] for i in table["image_id"]], dtype=bool)
+    if failure.size == 0 or failure.all() or not failure.any():
+        raise ValueError(
+            f"need labelled scored images of both kinds; found {int(failure.sum())} failures and "
+            f"{int((~failure).sum())} faithful among {len(table)} scored images with a label"
+        )
+    bad = {(n, m): _badness(table[f"{n}_{m}"].to_numpy(dtype=float), m) for n in names for m in metrics}
+    search = _Search(bad, failure, source.combine)
+    search.run(lambda q: list(zip(q["f1"], q["kept"] > 0, q["kept"], strict=True)))
+    objective = "best F1 of rejects"
+    if target_precision is not None:
+        goal = target_precision
+        search.run(
+            lambda q: [
+                (p >= goal, g if p >= goal else p)
+                for p, g in zip(q["keep_precision"], q["kept_good"], strict=True)
+            ]
+        )
+        objective = f"kept images >= {goal:g} faithful"
+    config = _to_config(search, source, list(metrics))
+    final = {k: float(v[0]) for k, v in _quality(search.keep()[:, None], failure).items()}
+    result = CalibrationResult(
+        config=config,
+        objective=objective,
+        labelled=int(failure.size),
+        failures=int(failure.sum()),
+        kept=int(final["kept"]),
+        precision=final["precision"],
+        recall=final["recall"],
+        f1=final["f1"],
+        keep_precision=final["keep_precision"],
+        false_positive_rate=final["fpr"],
+        curves={f"{n}_{m}": c for (n, m), v in bad.items() if (c := _curve(v, failure)) is not None},
+    )
+    if target_precision is not None and result.keep_precision < target_precision:
+        raise ValueError(
+            f"no thresholds found whose kept images are >= {target_precision:g} faithful (best "
+            f"{result.keep_precision:.3f}); lower --target-precision or add --metric max_kp_error"
+        )
+    header = _header(result, scores, provenance)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, dump_thresholds(config, header).encode("utf-8"))
+    result.out = out
+    result.plot = _plot(result, Path(plot) if plot else out.with_suffix(".roc.png"), search, failure)
+    return result
+
+
+def _round_between(limit: float, next_limit: float) -> float:
+    """The roundest number in [limit, next_limit) (same decisions on the labelled images, nicer YAML)."""
+    for decimals in range(7):
+        scale = 10.0**decimals
+        rounded = math.ceil(limit * scale) / scale
+        if rounded < next_limit:
+            return rounded
+    return limit
+
+
+def _to_config(search: _Search, source: ThresholdsConfig, metrics: list[str]) -> ThresholdsConfig:
+    models = {}
+    for name, original in source.models.items():
+        limits = {m: search.limits[(name, m)] for m in metrics}
+        if all(np.isinf(v) for v in limits.values()):
+            # No threshold of this model helped: keep it at the loosest observed value of its first metric.
+            observed = search.candidates[(name, metrics[0])][:-1]
+            if observed.size == 0:
+                raise ValueError(
+                    f"cannot calibrate model {name}: {metrics[0]} is undefined on every labelled image"
+                )
+            limits[metrics[0]] = observed[-1]
+        value: dict[str, float | None] = {}
+        for m, limit in limits.items():
+            if math.isinf(limit):
+                value[m] = None
+                continue
+            observed = search.bad[(name, m)]
+            above = observed[observed > limit]  # every observed value, not just the candidates
+            above = np.sort(above)
+            nice = _round_between(float(limit), float(above[0]) if above.size else math.inf)
+            value[m] = float(_badness(np.float64(nice), m)) + 0.0  # + 0.0: no "-0.0" in the YAML
+        pck = None
+        if value.get("pck") is not None:
+            settings = original.pck_settings
+            pck = PCKThreshold(alpha=settings.alpha, normalization=settings.normalization, min=value["pck"])
+        models[name] = ModelThresholds(
+            checkpoint=original.checkpoint,
+            pa_mpjpe_max=value.get("pa_mpjpe"),
+            s_mpjpe_max=value.get("s_mpjpe"),
+            pck=pck,
+            max_keypoint_error_max=value.get("max_kp_error"),
+        )
+    return ThresholdsConfig(combine=source.combine, models=models)
+
+
+def _header(result: CalibrationResult, scores: Path, provenance: dict[str, Any]) -> str:
+    checkpoints = ", ".join(f"{m['name']} sha256 {m['sha256'][:16]}" for m in provenance["models"])
+    text = (
+        f"Calibrated by `prf calibrate` on {now_iso()} from {scores} ({result.labelled} labelled images, "
+        f"{result.failures} failures).\nObjective: {result.objective}. Rejects: precision "
+        f"{result.precision:.3f}, recall {result.recall:.3f}, F1 {result.f1:.3f}; kept {result.kept} images, "
+        f"{result.keep_precision:.3f} of them faithful.\nValid for the checkpoints scored: {checkpoints}.\n"
+        "Units: mm for the MPJPEs, percent for pck.min, sqrt(mask area) for max_keypoint_error_max."
+    )
+    return "\n".join(textwrap.fill(line, 100) for line in text.splitlines())
+
+
+def _plot(result: CalibrationResult, path: Path, search: _Search, failure: np.ndarray) -> Path:
+    """ROC and precision-recall curves of every metric alone, with the chosen filter's operating point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 4.8))
+    for key, curve in result.curves.items():
+        roc.plot(curve.fpr, curve.tpr, label=f"{key} (AUROC {curve.auroc:.2f})")
+        pr.plot(curve.recall, curve.precision, label=key)
+    roc.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    roc.scatter(
+        [result.false_positive_rate], [result.recall], color="black", zorder=5, label="chosen thresholds"
+    )
+    pr.scatter([result.recall], [result.precision], color="black", zorder=5, label="chosen thresholds")
+    pr.axhline(float(failure.mean()), color="grey", linestyle=":", linewidth=1)
+    roc.set(xlabel="faithful images rejected (FPR)", ylabel="failures rejected (TPR)", title="ROC")
+    pr.set(xlabel="recall of failures", ylabel="precision of rejects", title="precision-recall")
+    for axis in (roc, pr):
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{result.labelled} labelled images, {result.failures} failures; combine: {search.combine}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

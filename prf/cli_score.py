@@ -1,0 +1,140 @@
+"""The ``prf score``, ``prf calibrate`` and ``prf report`` commands, as plain typer functions.
+
+prf/cli.py registers them (``app.command("score")(cli_score.score)``). Only typer and pathlib are imported
+here; the work modules load inside each command so ``prf --help`` stays fast. Configuration problems (a bad
+thresholds file, a missing input or checkpoint, an output made with other settings) print one line and
+exit with code 2 (``prf.cli.friendly_errors``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _split_models(models: list[str] | None) -> list[str] | None:
+    """``--models A.pt --models B.pt`` or ``--models A.pt,B.pt`` -> [A.pt, B.pt]."""
+    if not models:
+        return None
+    return [part.strip() for item in models for part in item.split(",") if part.strip()]
+
+
+def score(
+    input: Annotated[
+        Path, typer.Argument(help="A BATCH folder, an Animal3D JSON, or a folder of image + JSON.")
+    ],
+    thresholds: Annotated[Path, typer.Option(help="Thresholds file (docs/thresholds.md).")] = Path(
+        "thresholds.yaml"
+    ),
+    models: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Checkpoints, one per model of the thresholds file in its order (repeat the option or use "
+            "commas). Default: each model's checkpoint key, else checkpoints/prf_model_<name>.pt."
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="SCORES Parquet file (resumes if it exists).")
+    ] = Path("scores.parquet"),
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    limit: Annotated[int | None, typer.Option(help="Score only the first N input images.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Score images with the PRF regressors; keep those the models keep (SCORES, keep.txt, reject.txt)."""
+    from prf.cli import friendly_errors
+
+    friendly_errors(_score)(
+        input, thresholds, _split_models(models), out, batch_size, workers, device, limit, quiet
+    )
+
+
+def _score(
+    input: Path,
+    thresholds: Path,
+    models: list[str] | None,
+    out: Path,
+    batch_size: int,
+    workers: int,
+    device: str,
+    limit: int | None,
+    quiet: bool,
+) -> None:
+    from rich.console import Console
+
+    from prf.score import score as run_score
+
+    summary = run_score(input, thresholds, models, out, batch_size, workers, device, limit, quiet=quiet)
+    console = Console()
+    console.print(summary.renderable())
+    console.print(f"wrote {out}, {summary.keep_list}, {summary.reject_list}")
+
+
+def calibrate(
+    scores: Annotated[Path, typer.Argument(help="SCORES Parquet file from prf score.")],
+    labels: Annotated[
+        Path, typer.Option(help="CSV with image_id,keep (1/0 or keep/reject), or a BATCH (injected_failure).")
+    ],
+    target_precision: Annotated[
+        float | None,
+        typer.Option(help="Loosest thresholds whose kept images are at least this share faithful (0-1)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Thresholds file to write.")] = Path(
+        "thresholds.yaml"
+    ),
+    plot: Annotated[
+        Path | None, typer.Option(help="ROC / precision-recall PNG (default: <out stem>.roc.png).")
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(help="Metrics to threshold (repeatable): pa_mpjpe, s_mpjpe, pck, max_kp_error."),
+    ] = None,
+) -> None:
+    """Choose per-model thresholds from labelled images (best F1, or a target precision of the kept set)."""
+    from prf.cli import friendly_errors
+
+    friendly_errors(_calibrate)(scores, labels, target_precision, out, plot, metric)
+
+
+def _calibrate(
+    scores: Path,
+    labels: Path,
+    target_precision: float | None,
+    out: Path,
+    plot: Path | None,
+    metric: list[str] | None,
+) -> None:
+    from rich.console import Console
+
+    from prf.calibrate import DEFAULT_METRICS
+    from prf.calibrate import calibrate as run_calibrate
+
+    result = run_calibrate(scores, labels, target_precision, out, plot, tuple(metric or DEFAULT_METRICS))
+    console = Console()
+    console.print(result.renderable())
+    console.print(f"wrote {result.out} and {result.plot}")
+
+
+def report(
+    scores: Annotated[Path, typer.Argument(help="SCORES Parquet file from prf score.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder to write (default: <scores stem>_report).")
+    ] = None,
+    per_sheet: Annotated[int, typer.Option(help="Images per contact sheet.")] = 24,
+) -> None:
+    """Write an HTML report: metric distributions with thresholds, kept / rejected contact sheets, errors."""
+    from prf.cli import friendly_errors
+
+    friendly_errors(_report)(scores, out, per_sheet)
+
+
+def _report(scores: Path, out: Path | None, per_sheet: int) -> None:
+    from rich.console import Console
+
+    from prf.report import report as run_report
+
+    index = run_report(scores, out, per_sheet=per_sheet)
+    Console().print(f"wrote {index}")

@@ -1,0 +1,379 @@
+"""``prf score``: run every PRF regressor on each image, measure it against the annotation, apply thresholds.
+
+Legend: B batch, K = 26 keypoints, S a model's crop side (pixels).
+
+Per image and model (``score_batch``): PA-MPJPE and S-MPJPE ("mm") between the predicted root-relative
+camera-aligned 3D keypoints and the annotation's ``R @ keypoint_3d``; PCK (percent) of the predicted 2D
+keypoints mapped back to IMAGE pixels against ``keypoint_2d`` (visible ones), with the thresholds file's
+alpha and normaliser (sqrt(mask area), or sqrt(w h) of the bbox when the input has no mask; or max(w, h)
+of the bbox); ``max_kp_error``: the largest 2D keypoint error over sqrt(mask area) (reacts to one wrong
+limb, see FINDINGS.md). A model keeps an image when every threshold it sets passes (an undefined metric
+fails); the final verdict combines the models (``all``: every model keeps it, the paper's rule; ``any``).
+
+Structure (so that a Lightning predict loop can drive it later for several devices): ``ScoreDataset`` /
+``collate_items`` (prf.score_data) decode each image once in DataLoader workers; ``score_batch`` is a pure
+function batch -> rows; ``score`` is the single-process driver that streams rows to part files
+(prf.score_io) and merges them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from prf import metrics
+from prf.body.smal import SMAL
+from prf.checkpoint import sha256_file
+from prf.data.animal3d import SampleRef
+from prf.data.batch import detect_input, iter_samples
+from prf.data.transforms import from_normalised
+from prf.models.heads import RegressorOutput
+from prf.models.regressor import run_regressor
+from prf.predictor import Predictor
+from prf.score_data import CropSpec, ScoreDataset, collate_items, worker_init
+from prf.score_io import (
+    SCORES_FORMAT,
+    SCORES_FORMAT_VERSION,
+    PartStore,
+    ScoreSummary,
+    check_compatible,
+    image_ids,
+    merge,
+    now_iso,
+    prf_version,
+    read_provenance,
+    scores_schema,
+    sources_for_merge,
+    summarize,
+    write_lists,
+)
+from prf.thresholds import METRICS, ModelThresholds, ThresholdsFile, load_thresholds
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FLUSH_SECONDS = 30.0
+
+
+@dataclass
+class ScoringModel:
+    """One regressor as scoring uses it: ``name`` (the thresholds key and column prefix), the loaded
+    predictor, its thresholds, and which of the batch's crops (``CropSpec`` index) it reads."""
+
+    name: str
+    predictor: Predictor
+    thresholds: ModelThresholds
+    crop_index: int
+    checkpoint: Path
+
+
+def default_checkpoint(name: str) -> Path:
+    """``checkpoints/prf_model_<name>.pt`` in the current folder, else in the prf source tree."""
+    relative = Path("checkpoints") / f"prf_model_{name.lower()}.pt"
+    return relative if relative.is_file() or not (REPO_ROOT / relative).is_file() else REPO_ROOT / relative
+
+
+def resolve_checkpoints(
+    thresholds: ThresholdsFile, models: Sequence[str | os.PathLike[str]] | None
+) -> dict[str, Path]:
+    """Model name -> checkpoint: ``models`` in the thresholds file's model order, else each model's
+    ``checkpoint`` key, else ``default_checkpoint``. Raises FileNotFoundError / ValueError before any load."""
+    names = thresholds.config.model_names()
+    where = thresholds.path or "the thresholds file"
+    if models:
+        if len(models) != len(names):
+            raise ValueError(
+                f"--models got {len(models)} checkpoint(s) but {where} defines {len(names)} model(s) "
+                f"{names}; give one checkpoint per model, in that order"
+            )
+        chosen = {name: Path(path) for name, path in zip(names, models, strict=True)}
+    else:
+        chosen = {name: thresholds.checkpoint_path(name) or default_checkpoint(name) for name in names}
+    for name, path in chosen.items():
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"checkpoint of model {name} not found: {path}. Pass --models A.pt B.pt, set models.{name}."
+                f"checkpoint in {where}, or train the defaults (checkpoints/prf_model_a.pt, prf_model_b.pt)"
+            )
+    return chosen
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _AutocastNet:
+    """Calls a net under CUDA autocast (float16) and hands back float32 outputs, so the SMAL layer and the
+    metrics after it run in full precision."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+
+    def __call__(self, images: Tensor) -> RegressorOutput:
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = self.net(images)
+        return RegressorOutput(out.pose_rotmat.float(), out.betas.float(), out.cam.float())
+
+
+def _image_pixels(keypoints_crop: Tensor, affines: Tensor) -> Tensor:
+    """(B, K, 2) crop pixels -> image pixels through the inverse of the (B, 2, 3) image -> crop affines."""
+    linear, offset = affines[:, :, :2], affines[:, :, 2]
+    return torch.linalg.solve(linear[:, None], (keypoints_crop - offset[:, None])[..., None])[..., 0]
+
+
+def _model_metrics(model: ScoringModel, batch: dict[str, Any], ok: Tensor, amp: bool) -> dict[str, Tensor]:
+    """Metrics (B_ok,) and image-pixel keypoints (B_ok, K, 2) of one model on the batch's scorable rows."""
+    predictor = model.predictor
+    device = predictor.device
+    dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+    crops = batch["crops"][model.crop_index][ok].to(device, non_blocking=True)
+    net = _AutocastNet(predictor.net) if amp and device.type == "cuda" else predictor.net
+    with torch.inference_mode():
+        pred = run_regressor(net, predictor.body, crops)
+        affines = batch["affines"][model.crop_index][ok].to(device, dtype)
+        pred2d = _image_pixels(from_normalised(pred["keypoints_2d"].to(dtype), predictor.input_size), affines)
+        target2d = batch["keypoints_2d"][ok].to(device, dtype)
+        visible = target2d[:, :, 2] > 0
+        pred3d = pred["keypoints_3d"].to(dtype) * 1000.0
+        target3d = batch["keypoints_3d"][ok].to(device, dtype) * 1000.0
+        bbox = batch["bbox"][ok].to(device, dtype)
+        area = batch["mask_area"][ok].to(device, dtype)
+        area = torch.where(torch.isnan(area), bbox[:, 2] * bbox[:, 3], area)
+        size = metrics.mask_area_normalizer(area)
+        settings = model.thresholds.pck_settings
+        norm = size if settings.normalization == "mask_area" else metrics.bbox_normalizer(bbox)
+        return {
+            "pa_mpjpe": metrics.pa_mpjpe(pred3d, target3d),
+            "s_mpjpe": metrics.s_mpjpe(pred3d, target3d),
+            "pck": 100.0 * metrics.pck(pred2d, target2d[:, :, :2], visible, settings.alpha, norm),
+            "max_kp_error": metrics.max_keypoint_error(pred2d, target2d[:, :, :2], visible) / size,
+            "keypoints_2d": pred2d,
+        }
+
+
+def score_batch(
+    models: Sequence[ScoringModel], batch: dict[str, Any], combine: str, amp: bool = False
+) -> list[dict]:
+    """Score one collated batch (prf.score_data) with every model: one row per image (SCORES columns).
+
+    Pure apart from running the models: no I/O. Error items (``batch["error"]``) become ``status: error``
+    rows with null metrics; the others get per-model metrics and verdicts, the final ``keep`` (``combine``:
+    "all" or "any") and ``reason`` (every failed threshold, e.g. ``A: pck 83.3 < 95.83; B: s_mpjpe 612.0 >
+    499.99``; empty when none failed).
+    """
+    n = len(batch["image_id"])
+    ok = torch.tensor([error is None for error in batch["error"]], dtype=torch.bool)
+    ok_rows = ok.nonzero().flatten().tolist()
+    position = {row: k for k, row in enumerate(ok_rows)}
+    values: dict[str, dict[str, list]] = {}
+    if ok_rows:
+        for model in models:
+            result = _model_metrics(model, batch, ok, amp)
+            values[model.name] = {key: value.cpu().tolist() for key, value in result.items()}
+    targets = batch["keypoints_2d"].to(torch.float32).reshape(n, -1).tolist()
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = {"image_id": batch["image_id"][i], "image": batch["image"][i]}
+        if i not in position:
+            row.update(status="error", reason=batch["error"][i], keep=False)
+            row.update({f"{m.name}_{metric}": None for m in models for metric in METRICS})
+            row.update({f"{m.name}_keep": None for m in models})
+            row.update({f"{m.name}_keypoints_2d": None for m in models}, keypoints_2d=None)
+        else:
+            k, reasons, verdicts = position[i], [], []
+            for model in models:
+                got = values[model.name]
+                row.update({f"{model.name}_{metric}": _finite_or_nan(got[metric][k]) for metric in METRICS})
+                checks = model.thresholds.checks()
+                failed = [
+                    c.describe_failure(got[c.metric][k]) for c in checks if not c.passes(got[c.metric][k])
+                ]
+                row[f"{model.name}_keep"] = not failed
+                row[f"{model.name}_keypoints_2d"] = [v for point in got["keypoints_2d"][k] for v in point]
+                verdicts.append(not failed)
+                if failed:
+                    reasons.append(f"{model.name}: {', '.join(failed)}")
+            keep = all(verdicts) if combine == "all" else any(verdicts)
+            row.update(status="ok", reason="; ".join(reasons), keep=keep, keypoints_2d=targets[i])
+        row["mask_area"] = float(batch["mask_area"][i])
+        row["source_index"] = int(batch["source_index"][i])
+        rows.append(row)
+    return rows
+
+
+def _finite_or_nan(value: float) -> float:
+    return value if math.isfinite(value) else math.nan
+
+
+def load_models(
+    thresholds: ThresholdsFile, checkpoints: dict[str, Path], device: torch.device, smal: SMAL | None
+) -> tuple[list[ScoringModel], list[CropSpec]]:
+    """Load every checkpoint once (one body model shared) and collect the distinct crops they need."""
+    body = smal if smal is not None else SMAL.builtin()
+    specs: list[CropSpec] = []
+    models = []
+    for name, path in checkpoints.items():
+        predictor = Predictor.from_checkpoint(path, smal=body, device=device)
+        spec = CropSpec(predictor.input_size, predictor.crop_scale, predictor.mean, predictor.std)
+        if spec not in specs:
+            specs.append(spec)
+        models.append(ScoringModel(name, predictor, thresholds.config.models[name], specs.index(spec), path))
+    return models, specs
+
+
+def _provenance(
+    input_path: Path,
+    kind: str,
+    thresholds: ThresholdsFile,
+    checkpoints: dict[str, Path],
+    hashes: dict[str, str],
+) -> dict[str, Any]:
+    return {
+        "format": SCORES_FORMAT,
+        "format_version": SCORES_FORMAT_VERSION,
+        "prf_version": prf_version(),
+        "created": now_iso(),
+        "input": os.path.abspath(input_path),
+        "input_kind": kind,
+        "combine": thresholds.config.combine,
+        "thresholds": {
+            "path": os.path.abspath(thresholds.path) if thresholds.path else None,
+            "sha256": thresholds.sha256,
+            "content": thresholds.text,
+        },
+        "models": [
+            {"name": name, "checkpoint": os.path.abspath(path), "sha256": hashes[name]}
+            for name, path in checkpoints.items()
+        ],
+        "units": {metric: unit for metric, (_, _, unit) in METRICS.items()},
+    }
+
+
+def score(
+    input_path: str | os.PathLike[str],
+    thresholds_path: str | os.PathLike[str],
+    models: Sequence[str | os.PathLike[str]] | None = None,
+    out: str | os.PathLike[str] = "scores.parquet",
+    batch_size: int = 32,
+    workers: int = 0,
+    device: str = "auto",
+    limit: int | None = None,
+    *,
+    smal: SMAL | None = None,
+    quiet: bool = False,
+    flush_rows: int = 1024,
+    console: Console | None = None,
+) -> ScoreSummary:
+    """Score INPUT (a BATCH folder, an Animal3D JSON or an annotated image folder) into the SCORES file
+    ``out`` (Parquet, docs/scores-format.md), plus ``keep.txt`` / ``reject.txt`` beside it.
+
+    Config problems (thresholds file, checkpoints, input, an ``out`` made with other settings) raise
+    before any model is loaded. Rows are streamed to part files (every ``flush_rows`` rows or 30 s); a
+    rerun with the same ``out`` skips the images already scored (prf.score_io). ``limit`` scores only the
+    first N input images; ``device``: "auto", "cpu", "cuda", "cuda:1", ...; AMP (float16) on CUDA.
+    """
+    if batch_size < 1 or workers < 0 or (limit is not None and limit < 1) or flush_rows < 1:
+        raise ValueError("need batch_size >= 1, workers >= 0, limit >= 1 (or none) and flush_rows >= 1")
+    started = time.perf_counter()
+    thresholds = load_thresholds(thresholds_path)
+    checkpoints = resolve_checkpoints(thresholds, models)
+    input_path, out = Path(input_path), Path(out)
+    kind = detect_input(input_path)
+    hashes = {name: sha256_file(path) for name, path in checkpoints.items()}
+    provenance = _provenance(input_path, kind, thresholds, checkpoints, hashes)
+    store = PartStore(out)
+    done: set[str] = set()
+    if out.exists():
+        check_compatible(read_provenance(out), provenance, out)
+        done |= image_ids(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    store.start(provenance)
+    for part in store.part_files():
+        done |= image_ids(part)
+    refs = list(itertools.islice(iter_samples(input_path), limit))
+    todo = [ref for ref in refs if ref.image_id not in done]
+    schema = scores_schema(thresholds.config.model_names())
+    torch_device = resolve_device(device)
+    if todo:
+        scoring, specs = load_models(thresholds, checkpoints, torch_device, smal)
+        num_joints = scoring[0].predictor.body.num_joints
+        loader = make_loader(todo, specs, num_joints, batch_size, workers, torch_device.type == "cuda")
+        progress = Progress(
+            TextColumn("[bold]score[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
+            disable=quiet,
+        )
+        _drive(scoring, loader, store, schema, thresholds.config.combine, flush_rows, progress)
+    if store.part_files() or not out.exists():
+        merge(out, sources_for_merge(out, store), schema, provenance)
+    store.cleanup()
+    keep_list, reject_list = write_lists(out)
+    summary = summarize(out)
+    summary.scored_now, summary.skipped = len(todo), len(refs) - len(todo)
+    summary.seconds = time.perf_counter() - started
+    summary.keep_list, summary.reject_list = keep_list, reject_list
+    return summary
+
+
+def make_loader(
+    todo: Sequence[SampleRef],
+    specs: Sequence[CropSpec],
+    num_joints: int,
+    batch_size: int,
+    workers: int,
+    pin: bool,
+) -> DataLoader:
+    """A DataLoader over ``todo`` in input order: images decoded once, in ``workers`` processes."""
+    return DataLoader(
+        ScoreDataset(todo, specs, num_joints),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_items,
+        pin_memory=pin,
+        worker_init_fn=worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def _drive(
+    models: list[ScoringModel],
+    loader: DataLoader,
+    store: PartStore,
+    schema: pa.Schema,
+    combine: str,
+    flush_rows: int,
+    progress: Progress,
+) -> None:
+    """The single-process driver: batches -> score_batch -> part files (flushed on the way out too)."""
+    amp = models[0].predictor.device.type == "cuda"
+    buffer: list[dict] = []
+    last_flush = time.monotonic()
+    try:
+        with progress:
+            task = progress.add_task("score", total=len(loader.dataset))
+            for batch in loader:
+                buffer.extend(score_batch(models, batch, combine, amp))
+                progress.advance(task, len(batch["image_id"]))
+                if len(buffer) >= flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
+                    store.write(buffer, schema)
+                    buffer, last_flush = [], time.monotonic()
+    finally:
+        if buffer:  # finished rows are complete: keep them even when the run is interrupted
+            store.write(buffer, schema)

@@ -1,0 +1,365 @@
+"""SCORES on disk (docs/scores-format.md): schema, provenance, resumable part files, the atomic merge, the
+keep / reject lists and the summary.
+
+Streaming and resuming: while scoring, finished rows go to ``<out>.parts/part-NNNNNN.parquet`` (each written
+atomically) next to ``<out>.parts/run.json`` (the provenance). A rerun with the same ``--out`` reads the
+image ids already there (and in an existing ``<out>``), refuses if the thresholds or checkpoints differ,
+and scores only the rest. At the end every source (an existing ``<out>`` first, then the parts in order) is
+streamed into a hidden temporary file, de-duplicated by ``image_id``, renamed over ``<out>`` (atomic), and
+only then are the parts removed (``run.json`` last). A kill at any point leaves either the parts or a
+complete ``<out>`` (or both): rerunning finishes the job and each image is in the table exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from prf.data.io import atomic_write_bytes, atomic_write_json
+from prf.thresholds import METRICS, ThresholdsConfig, parse_thresholds
+
+SCORES_FORMAT = "prf-scores"
+SCORES_FORMAT_VERSION = 1
+METADATA_KEY = b"prf_scores"
+MERGE_ROWS = 4096  # rows per row group of the merged file
+
+
+class ScoresMismatchError(ValueError):
+    """An existing output was made with other thresholds, checkpoints or input: refusing to mix them."""
+
+
+def prf_version() -> str:
+    try:
+        return importlib.metadata.version("prf-animals")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def scores_schema(model_names: Sequence[str]) -> pa.Schema:
+    """The SCORES columns for these models (docs/scores-format.md), in order."""
+    fields: list[tuple[str, pa.DataType]] = [
+        ("image_id", pa.string()),
+        ("image", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("keep", pa.bool_()),
+    ]
+    for name in model_names:
+        fields += [(f"{name}_{metric}", pa.float64()) for metric in METRICS]
+        fields.append((f"{name}_keep", pa.bool_()))
+    fields += [("mask_area", pa.float64()), ("source_index", pa.int64())]
+    fields += [(f"{name}_keypoints_2d", pa.list_(pa.float32())) for name in model_names]
+    fields.append(("keypoints_2d", pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+def comparable(provenance: dict[str, Any]) -> dict[str, Any]:
+    """What must agree for two runs to share one output: input, thresholds hash, models and their sha256."""
+    return {
+        "input": provenance.get("input"),
+        "thresholds_sha256": (provenance.get("thresholds") or {}).get("sha256"),
+        "models": [[m.get("name"), m.get("sha256")] for m in provenance.get("models") or []],
+    }
+
+
+def _short(models: list[list[Any]]) -> str:
+    return ", ".join(f"{name} {str(sha)[:12]}" for name, sha in models)
+
+
+def check_compatible(old: dict[str, Any], new: dict[str, Any], where: Path) -> None:
+    """Raise ScoresMismatchError naming what differs between ``where``'s provenance and this run's."""
+    before, now = comparable(old), comparable(new)
+    differences = []
+    if before["input"] != now["input"]:
+        differences.append(f"input {before['input']} there, {now['input']} now")
+    if before["thresholds_sha256"] != now["thresholds_sha256"]:
+        differences.append(
+            f"thresholds file sha256 {str(before['thresholds_sha256'])[:12]} there, "
+            f"{str(now['thresholds_sha256'])[:12]} now"
+        )
+    if before["models"] != now["models"]:
+        differences.append(
+            f"checkpoints (model sha256) {_short(before['models'])} there, {_short(now['models'])} now"
+        )
+    if differences:
+        raise ScoresMismatchError(
+            f"{where} was scored with other settings; refusing to mix them in one table: "
+            + "; ".join(differences)
+            + ". Use another --out, or delete it to start again"
+        )
+
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    """The provenance stored in a SCORES file's metadata (ValueError if it is not a SCORES file)."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(f"{path} is not a readable Parquet file ({err}); choose another --out") from None
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path} exists but is not a PRF SCORES file (no {METADATA_KEY.decode()} metadata)")
+    return json.loads(metadata[METADATA_KEY])
+
+
+def read_thresholds_of(provenance: dict[str, Any]) -> ThresholdsConfig:
+    """The thresholds a SCORES file was made with (from its provenance)."""
+    return parse_thresholds(
+        provenance["thresholds"]["content"], "thresholds stored in the SCORES file"
+    ).config
+
+
+def image_ids(path: Path) -> set[str]:
+    return set(pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist())
+
+
+class PartStore:
+    """The ``<out>.parts`` folder of a run in progress (module docstring)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.dir = out.with_name(out.name + ".parts")
+        self.run_file = self.dir / "run.json"
+
+    def part_files(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("part-*.parquet") if not p.name.startswith("."))
+
+    def provenance(self) -> dict[str, Any] | None:
+        if not self.run_file.is_file():
+            return None
+        return json.loads(self.run_file.read_text(encoding="utf-8"))
+
+    def start(self, provenance: dict[str, Any]) -> None:
+        """Create the folder and run.json, or check an existing run.json against this run."""
+        old = self.provenance()
+        if old is not None:
+            check_compatible(old, provenance, self.dir)
+        elif self.part_files():
+            raise ScoresMismatchError(
+                f"{self.dir} holds parts but no run.json; delete the folder to start again"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        if old is None:
+            atomic_write_json(self.run_file, provenance)
+
+    def write(self, rows: list[dict[str, Any]], schema: pa.Schema) -> Path:
+        """Write rows as the next part file, atomically."""
+        existing = self.part_files()
+        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        path = self.dir / f"part-{number:06d}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        return path
+
+    def cleanup(self) -> None:
+        """Remove the parts, then run.json, then the folder (after a successful merge)."""
+        for part in self.part_files():
+            part.unlink(missing_ok=True)
+        self.run_file.unlink(missing_ok=True)
+        for stale in self.dir.glob(".*"):
+            stale.unlink(missing_ok=True)
+        if self.dir.is_dir():
+            self.dir.rmdir()
+
+
+def merge(out: Path, sources: Sequence[Path], schema: pa.Schema, provenance: dict[str, Any]) -> int:
+    """Stream ``sources`` into ``out`` (first occurrence of each image_id wins), atomically; rows written."""
+    metadata = {METADATA_KEY: json.dumps(provenance).encode("utf-8")}
+    tmp = out.with_name(f".{out.name}.merge.tmp")
+    seen: set[str] = set()
+    pending: list[pa.Table] = []
+    written = 0
+    try:
+        with pq.ParquetWriter(tmp, schema.with_metadata(metadata)) as writer:
+            for source in sources:
+                for batch in pq.ParquetFile(source).iter_batches(batch_size=MERGE_ROWS):
+                    table = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
+                    ids = table.column("image_id").to_pylist()
+                    fresh = [i not in seen and not seen.add(i) for i in ids]
+                    table = table.filter(pa.array(fresh, pa.bool_()))
+                    pending.append(table)
+                    if sum(t.num_rows for t in pending) >= MERGE_ROWS:
+                        merged = pa.concat_tables(pending)
+                        writer.write_table(merged, row_group_size=MERGE_ROWS)
+                        written += merged.num_rows
+                        pending = []
+            if pending:
+                merged = pa.concat_tables(pending)
+                writer.write_table(merged, row_group_size=MERGE_ROWS)
+                written += merged.num_rows
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _iter_columns(path: Path, columns: list[str]) -> Iterable[dict[str, list[Any]]]:
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=MERGE_ROWS, columns=columns):
+        yield batch.to_pydict()
+
+
+def write_lists(out: Path) -> tuple[Path, Path]:
+    """``keep.txt`` and ``reject.txt`` beside ``out``: one image path per line (errors are rejects)."""
+    keep_path, reject_path = out.with_name("keep.txt"), out.with_name("reject.txt")
+    keep_tmp, reject_tmp = out.with_name(".keep.txt.tmp"), out.with_name(".reject.txt.tmp")
+    with keep_tmp.open("w", encoding="utf-8") as keep, reject_tmp.open("w", encoding="utf-8") as reject:
+        for chunk in _iter_columns(out, ["image", "keep"]):
+            for image, kept in zip(chunk["image"], chunk["keep"], strict=True):
+                (keep if kept else reject).write(f"{image}\n")
+    os.replace(keep_tmp, keep_path)
+    os.replace(reject_tmp, reject_path)
+    return keep_path, reject_path
+
+
+def agreement_label(kept: Sequence[str], names: Sequence[str]) -> str:
+    """'both keep' / 'only A' / 'neither' for two models; 'all keep' / 'only A+C' / 'none keep' otherwise."""
+    if len(kept) == len(names):
+        return "both keep" if len(names) == 2 else "all keep"
+    if not kept:
+        return "neither" if len(names) == 2 else "none keep"
+    return "only " + "+".join(kept)
+
+
+@dataclass
+class ScoreSummary:
+    """Counts over a whole SCORES file, plus what this run did.
+
+    ``failures[model][metric]``: scored (status ok) images failing that threshold; ``agreement``: scored
+    images per pattern of per-model verdicts (``agreement_label``); ``errors``: (image_id, reason) of the
+    first error rows.
+    """
+
+    out: Path
+    models: list[str]
+    combine: str
+    total: int = 0
+    kept: int = 0
+    rejected: int = 0
+    errored: int = 0
+    failures: dict[str, dict[str, int]] = field(default_factory=dict)
+    limits: dict[str, dict[str, str]] = field(default_factory=dict)
+    agreement: dict[str, int] = field(default_factory=dict)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    scored_now: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    keep_list: Path | None = None
+    reject_list: Path | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "total": self.total,
+            "kept": self.kept,
+            "rejected": self.rejected,
+            "errors": self.errored,
+            "failures": self.failures,
+            "agreement": self.agreement,
+            "scored_now": self.scored_now,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+        }
+
+    def renderable(self) -> Any:
+        """A rich Group of tables: verdicts, reject reasons by model and threshold, agreement, errors."""
+        from rich.console import Group
+        from rich.table import Table
+
+        main = Table(title=f"prf score: {self.out}", show_header=False)
+        main.add_row("images", str(self.total))
+        main.add_row("kept", f"{self.kept} ({_share(self.kept, self.total)})")
+        main.add_row("rejected", f"{self.rejected} ({_share(self.rejected, self.total)})")
+        main.add_row("errors", f"{self.errored} ({_share(self.errored, self.total)})")
+        speed = (
+            f", {self.scored_now / self.seconds:.1f} images/s" if self.seconds > 0 and self.scored_now else ""
+        )
+        main.add_row("this run", f"scored {self.scored_now}, already done {self.skipped}{speed}")
+        reasons = Table(
+            title=f"reject reasons (scored images failing each threshold; combine: {self.combine})"
+        )
+        for column in ("model", "metric", "threshold", "images failing"):
+            reasons.add_column(column)
+        for name in self.models:
+            for metric, count in self.failures.get(name, {}).items():
+                reasons.add_row(name, metric, self.limits[name][metric], str(count))
+        agree = Table(title="per-model agreement (scored images)")
+        agree.add_column("verdicts")
+        agree.add_column("images")
+        for label, count in self.agreement.items():
+            agree.add_row(label, str(count))
+        parts: list[Any] = [main, reasons, agree]
+        if self.errors:
+            errors = Table(title=f"errors (first {len(self.errors)} of {self.errored})")
+            errors.add_column("image_id")
+            errors.add_column("reason", overflow="fold")
+            for image_id, reason in self.errors:
+                errors.add_row(image_id, reason)
+            parts.append(errors)
+        return Group(*parts)
+
+
+def _share(count: int, total: int) -> str:
+    return f"{100.0 * count / total:.1f}%" if total else "-"
+
+
+def _ordered_labels(names: Sequence[str]) -> list[str]:
+    labels = [agreement_label(list(names), names)]
+    labels += [f"only {name}" for name in names] if len(names) == 2 else []
+    labels.append(agreement_label([], names))
+    return labels
+
+
+def summarize(out: Path, max_errors: int = 5) -> ScoreSummary:
+    """Stream over a SCORES file and count verdicts, threshold failures and agreement."""
+    provenance = read_provenance(out)
+    config = read_thresholds_of(provenance)
+    names = config.model_names()
+    summary = ScoreSummary(out=out, models=names, combine=config.combine)
+    checks = {name: config.models[name].checks() for name in names}
+    summary.failures = {name: {c.metric: 0 for c in checks[name]} for name in names}
+    summary.limits = {name: {c.metric: f"{c.op} {c.limit:g}" for c in checks[name]} for name in names}
+    agreement: Counter[str] = Counter({label: 0 for label in _ordered_labels(names)})
+    columns = ["image_id", "status", "reason", "keep"]
+    columns += [f"{n}_keep" for n in names] + [f"{n}_{c.metric}" for n in names for c in checks[n]]
+    for chunk in _iter_columns(out, columns):
+        for i, status in enumerate(chunk["status"]):
+            summary.total += 1
+            if status != "ok":
+                summary.errored += 1
+                if len(summary.errors) < max_errors:
+                    summary.errors.append((chunk["image_id"][i], chunk["reason"][i]))
+                continue
+            summary.kept += bool(chunk["keep"][i])
+            summary.rejected += not chunk["keep"][i]
+            agreement[agreement_label([n for n in names if chunk[f"{n}_keep"][i]], names)] += 1
+            for name in names:
+                for check in checks[name]:
+                    value = chunk[f"{name}_{check.metric}"][i]
+                    if not check.passes(math.nan if value is None else value):
+                        summary.failures[name][check.metric] += 1
+    summary.agreement = dict(agreement)
+    return summary
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def sources_for_merge(out: Path, store: PartStore) -> list[Path]:
+    """An existing ``out`` first, then the part files in order."""
+    return ([out] if out.is_file() else []) + store.part_files()

@@ -1,0 +1,179 @@
+"""Tests for ``prf calibrate`` and ``prf report``, and the three typer commands end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import typer
+from test_score import LOOSE, Env, make_env
+from typer.testing import CliRunner
+
+from prf import cli_score
+from prf.calibrate import calibrate, load_labels
+from prf.report import report
+from prf.score_io import METADATA_KEY, scores_schema
+from prf.thresholds import load_thresholds
+
+SOURCE = """
+combine: all
+models:
+  A: {checkpoint: ckpt/a.pt, pa_mpjpe_max: 500, s_mpjpe_max: null, pck: {alpha: 0.1, min: 50}}
+  B: {pa_mpjpe_max: 500, s_mpjpe_max: null, pck: {alpha: 0.1, normalization: bbox, min: 50}}
+"""
+
+
+def synthetic_scores(path: Path, n: int = 300, seed: int = 0) -> np.ndarray:
+    """A SCORES file whose failures are separable: half have a large A PA-MPJPE, half a low B PCK.
+
+    Returns (n,) bool, True for a failure.
+    """
+    rng = np.random.default_rng(seed)
+    failure = rng.random(n) < 0.3
+    kind = rng.integers(0, 2, n)
+    rows = []
+    for i in range(n):
+        a_pa, b_pck = rng.uniform(40.0, 80.0), rng.uniform(96.0, 100.0)
+        if failure[i] and kind[i] == 0:
+            a_pa = rng.uniform(90.0, 150.0)
+        if failure[i] and kind[i] == 1:
+            b_pck = rng.uniform(60.0, 94.0)
+        row = {"image_id": f"im{i:04d}", "image": f"/data/im{i:04d}.png", "status": "ok", "reason": "",
+               "keep": True, "mask_area": 900.0, "source_index": i, "keypoints_2d": None}  # fmt: skip
+        for name, pa_mpjpe, pck in (
+            ("A", a_pa, rng.uniform(96.0, 100.0)),
+            ("B", rng.uniform(40.0, 80.0), b_pck),
+        ):
+            row.update({f"{name}_pa_mpjpe": pa_mpjpe, f"{name}_s_mpjpe": rng.uniform(100.0, 400.0),
+                        f"{name}_pck": pck, f"{name}_max_kp_error": rng.uniform(0.05, 0.3),
+                        f"{name}_keep": True, f"{name}_keypoints_2d": None})  # fmt: skip
+        rows.append(row)
+    rows.append({**rows[0], "image_id": "broken", "status": "error", "reason": "unreadable"})
+    provenance = {
+        "thresholds": {"content": SOURCE, "sha256": "0" * 64},
+        "models": [{"name": "A", "sha256": "a" * 64}, {"name": "B", "sha256": "b" * 64}],
+        "input": "/data",
+    }
+    schema = scores_schema(["A", "B"]).with_metadata({METADATA_KEY: json.dumps(provenance).encode()})
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return failure
+
+
+def apply_thresholds(path: Path, scores: pd.DataFrame) -> np.ndarray:
+    """Final keep verdicts of a thresholds file on a scores table (ok rows)."""
+    config = load_thresholds(path).config
+    verdicts = []
+    for name, model in config.models.items():
+        keep = np.ones(len(scores), dtype=bool)
+        for check in model.checks():
+            keep &= np.array([check.passes(v) for v in scores[f"{name}_{check.metric}"]])
+        verdicts.append(keep)
+    return np.all(verdicts, axis=0) if config.combine == "all" else np.any(verdicts, axis=0)
+
+
+def test_calibrate_separates_a_labelled_table(tmp_path: Path) -> None:
+    scores = tmp_path / "scores.parquet"
+    failure = synthetic_scores(scores)
+    labels = tmp_path / "labels.csv"
+    ids = [f"im{i:04d}" for i in range(len(failure))]
+    pd.DataFrame({"image_id": ids, "keep": np.where(failure, "reject", "keep")}).to_csv(labels, index=False)
+    result = calibrate(scores, labels, out=tmp_path / "th.yaml")
+    assert (result.labelled, result.failures) == (len(failure), int(failure.sum()))
+    assert result.f1 == 1.0 and result.precision == 1.0 and result.recall == 1.0
+    a, b = result.config.models["A"], result.config.models["B"]
+    assert 80.0 <= a.pa_mpjpe_max < 90.0 and 94.0 <= b.pck.min <= 96.0  # between the two classes
+    assert a.checkpoint == "ckpt/a.pt" and b.pck.normalization == "bbox" and b.pck.alpha == 0.1
+    table = pq.read_table(scores).to_pandas().iloc[: len(failure)]
+    assert (apply_thresholds(tmp_path / "th.yaml", table) == ~failure).all()  # the file does what it says
+    assert "prf calibrate" in (tmp_path / "th.yaml").read_text()
+    assert result.plot == tmp_path / "th.roc.png" and cv2.imread(str(result.plot)) is not None
+
+
+def test_calibrate_target_precision_keeps_more_and_reaches_the_target(tmp_path: Path) -> None:
+    scores = tmp_path / "scores.parquet"
+    failure = synthetic_scores(scores, seed=1)
+    noisy = failure.copy()
+    noisy[:30] = ~noisy[:30]  # label noise: no threshold separates perfectly any more
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame(
+        {"image_id": [f"im{i:04d}" for i in range(len(noisy))], "keep": (~noisy).astype(int)}
+    ).to_csv(labels, index=False)
+    best_f1 = calibrate(scores, labels, out=tmp_path / "f1.yaml")
+    loose = calibrate(scores, labels, target_precision=0.8, out=tmp_path / "p.yaml", plot=tmp_path / "p.png")
+    assert loose.keep_precision >= 0.8 and loose.kept >= best_f1.kept
+    table = pq.read_table(scores).to_pandas().iloc[: len(noisy)]
+    kept = apply_thresholds(tmp_path / "p.yaml", table)
+    assert kept.sum() == loose.kept and (~noisy[kept]).mean() >= 0.8
+    strict = calibrate(scores, labels, target_precision=1.0, out=tmp_path / "strict.yaml")
+    assert strict.keep_precision == 1.0 and 0 < strict.kept < loose.kept
+
+
+def test_labels_from_csv_and_batch(tmp_path: Path) -> None:
+    csv = tmp_path / "l.csv"
+    csv.write_text("image_id,keep\na,1\nb,0\nc,keep\nd,Reject\n")
+    assert load_labels(csv) == {"a": False, "b": True, "c": False, "d": True}
+    csv.write_text("image_id,keep\na,maybe\n")
+    with pytest.raises(ValueError, match="line 2: keep must be"):
+        load_labels(csv)
+    csv.write_text("id,label\na,1\n")
+    with pytest.raises(ValueError, match="needs columns image_id and keep"):
+        load_labels(csv)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Env, Path]:
+    """A real (tiny, untrained) scoring run through the typer command."""
+    env = make_env(tmp_path_factory.mktemp("cli"), n=6)
+    app = typer.Typer()
+    app.command("score")(cli_score.score)
+    out = env.root / "run" / "scores.parquet"
+    args = ["score", str(env.batch), "--thresholds", str(env.loose), "--models", f"{env.a},{env.b}"]
+    result = CliRunner().invoke(
+        app, [*args, "--out", str(out), "--workers", "0", "--quiet", "--batch-size", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "kept" in result.output and "per-model agreement" in result.output
+    return env, out
+
+
+def test_report_writes_html_and_pngs(scored: tuple[Env, Path], tmp_path: Path) -> None:
+    _, out = scored
+    index = report(out, tmp_path / "report", per_sheet=4)
+    page = index.read_text()
+    pngs = sorted(p.name for p in index.parent.glob("*.png"))
+    assert pngs == ["kept.png", "metric_max_kp_error.png", "metric_pa_mpjpe.png", "metric_pck.png",
+                    "metric_s_mpjpe.png"]  # fmt: skip
+    for name in pngs:
+        assert f'src="{name}"' in page and cv2.imread(str(index.parent / name)) is not None
+    sheet = cv2.imread(str(index.parent / "kept.png"))
+    assert sheet.shape[:2] == (160, 4 * 2 * 160)  # 4 images x 2 models, one row of 160 px tiles
+    assert "Rejected images (0 shown)" in page and "Kept images (4 shown)" in page
+
+
+def test_cli_calibrate_and_report_and_friendly_errors(scored: tuple[Env, Path], tmp_path: Path) -> None:
+    env, out = scored
+    app = typer.Typer()
+    for name in ("score", "calibrate", "report"):
+        app.command(name)(getattr(cli_score, name))
+    runner = CliRunner()
+    th = tmp_path / "th.yaml"
+    result = runner.invoke(app, ["calibrate", str(out), "--labels", str(env.batch), "--out", str(th)])
+    assert result.exit_code == 0, result.output
+    assert load_thresholds(th).config.model_names() == ["A", "B"] and th.with_suffix(".roc.png").is_file()
+    result = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "r"), "--per-sheet", "2"])
+    assert result.exit_code == 0 and (tmp_path / "r" / "index.html").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(LOOSE.replace("min: 0}", "min: 0, extra: 1}"))
+    result = runner.invoke(
+        app, ["score", str(env.batch), "--thresholds", str(bad), "--models", f"{env.a},{env.b}"]
+    )
+    assert result.exit_code == 2 and "models.A.pck.extra: unknown key" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["calibrate", str(tmp_path / "none.parquet"), "--labels", str(env.batch)])
+    assert result.exit_code == 2 and "does not exist" in result.output

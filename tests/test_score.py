@@ -1,0 +1,262 @@
+"""Tests for ``prf score``: verdict combination, bad inputs, resume after a kill, config errors first.
+
+The checkpoints here are tiny UNTRAINED regressors (random weights) made in-process: they only exercise
+the pipeline; their metrics mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import prf.score as score_module
+import prf.score_io as score_io
+from generation.run import export_animal3d, run_generate
+from prf.body.smal import SMAL
+from prf.checkpoint import save_export
+from prf.data.batch import iter_samples
+from prf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from prf.models.heads import build_regressor_net
+from prf.score import load_models, score, score_batch
+from prf.score_data import collate_items, load_item
+from prf.score_io import ScoresMismatchError
+from prf.thresholds import ModelThresholds, ThresholdsError, load_thresholds
+
+TINY_PARE = {"hidden": 32, "num_part_channels": 8, "feature_channels": 8, "pose_hidden": 8}
+LOOSE = """
+models:
+  A: {pa_mpjpe_max: 100000, s_mpjpe_max: 100000, pck: {alpha: 0.15, min: 0}}
+  B: {pa_mpjpe_max: 100000, s_mpjpe_max: null, pck: {alpha: 0.1, normalization: bbox, min: 0},
+      max_keypoint_error_max: 1000}
+"""
+
+
+def save_tiny_checkpoint(path: Path, input_size: int, seed: int) -> Path:
+    """An UNTRAINED PARE regressor (regnetx_002 backbone, tiny head) exported like `prf train` does."""
+    body = SMAL.builtin()
+    torch.manual_seed(seed)
+    net = build_regressor_net(
+        "pare", "regnetx_002", body.num_joints, body.num_betas, out_index=-2, **TINY_PARE
+    )
+    spec = {"arch": "pare", "backbone": "regnetx_002", "num_joints": body.num_joints,
+            "num_betas": body.num_betas, "out_index": -2, "head_kwargs": TINY_PARE}  # fmt: skip
+    return save_export(
+        path,
+        net,
+        net=spec,
+        arch="pare",
+        backbone="regnetx_002",
+        input_size=input_size,
+        crop_scale=1.25,
+        normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        smal_layout=body.layout_signature(),
+        stage="synthetic",
+        name=f"untrained-{input_size}px",
+    )
+
+
+@dataclass
+class Env:
+    root: Path
+    batch: Path
+    animal3d: Path
+    a: Path
+    b: Path
+    loose: Path
+
+
+def make_env(root: Path, n: int = 8) -> Env:
+    """A small BATCH (64 px, half with injected failures), its Animal3D export, two tiny checkpoints
+    with different input sizes (64 and 48 px) and a loose thresholds file."""
+    batch = root / "batch"
+    run_generate(batch, {"n": n, "seed": 0, "image_size": 64, "inject_failures": 0.5}, workers=1, quiet=True)
+    animal3d = export_animal3d(batch, root / "animal3d" / "data.json")
+    loose = root / "loose.yaml"
+    loose.write_text(LOOSE)
+    a = save_tiny_checkpoint(root / "a.pt", 64, 0)
+    b = save_tiny_checkpoint(root / "b.pt", 48, 1)
+    return Env(root, batch, animal3d, a, b, loose)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
+    return make_env(tmp_path_factory.mktemp("score"))
+
+
+def run(env: Env, out: Path, source: Path | None = None, **kwargs) -> score_io.ScoreSummary:
+    kwargs.setdefault("thresholds_path", env.loose)
+    return score(source or env.batch, models=[env.a, env.b], out=out, batch_size=4, quiet=True, **kwargs)
+
+
+def test_final_verdict_is_intersection_of_model_verdicts_and_union_with_any(env: Env) -> None:
+    thresholds = load_thresholds(env.loose)
+    models, specs = load_models(thresholds, {"A": env.a, "B": env.b}, torch.device("cpu"), None)
+    assert [s.size for s in specs] == [64, 48]  # one crop per model input size, from one decoded image
+    batch = collate_items([load_item(ref, specs, 35) for ref in iter_samples(env.batch)])
+    rows = score_batch(models, batch, "all")
+    a_pa = np.array([r["A_pa_mpjpe"] for r in rows])
+    b_s = np.array([r["B_s_mpjpe"] for r in rows])
+    assert np.isfinite(a_pa).all() and np.isfinite(b_s).all()
+    a_keep = a_pa <= np.median(a_pa)
+    for limit in np.sort(b_s):  # the loosest B threshold that mixes the verdicts (>= 3 of 4 patterns)
+        if len(set(zip(a_keep, b_s <= limit, strict=True))) >= 3:
+            break
+    else:
+        pytest.fail("no B threshold gives a mixed batch")
+    models[0].thresholds = ModelThresholds(pa_mpjpe_max=float(np.median(a_pa)), s_mpjpe_max=None, pck=None)
+    models[1].thresholds = ModelThresholds(pa_mpjpe_max=None, s_mpjpe_max=float(limit), pck=None)
+    for combine, op in (("all", operator.and_), ("any", operator.or_)):
+        rows = score_batch(models, batch, combine)
+        got_a = [r["A_keep"] for r in rows]
+        got_b = [r["B_keep"] for r in rows]
+        assert got_a == list(a_keep) and got_b == list(b_s <= limit)
+        assert [r["keep"] for r in rows] == [op(x, y) for x, y in zip(got_a, got_b, strict=True)]
+        for row in rows:
+            assert ("A: pa_mpjpe" in row["reason"]) == (not row["A_keep"])
+            assert ("B: s_mpjpe" in row["reason"]) == (not row["B_keep"])
+
+
+def test_corrupt_image_and_broken_annotations_become_error_rows(env: Env, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(env.batch, bad)
+    image = bad / "images" / "00000001.png"
+    image.write_bytes(image.read_bytes()[:120])  # truncated
+    (bad / "images" / "00000002.png").write_bytes(b"")  # zero bytes
+    annotation = bad / "annotations" / "00000003.json"
+    data = json.loads(annotation.read_text())
+    data["keypoint_3d"] = data["keypoint_3d"][:20]  # wrong length
+    annotation.write_text(json.dumps(data))
+    (bad / "annotations" / "00000004.json").write_text('{"bbox": [1, 2, NaN, 4]')  # malformed JSON
+    summary = run(env, tmp_path / "out" / "scores.parquet", bad)
+    table = pd.read_parquet(tmp_path / "out" / "scores.parquet").set_index("image_id")
+    errors = table[table["status"] == "error"]
+    assert sorted(errors.index) == ["00000001", "00000002", "00000003", "00000004"]
+    assert "00000001.png: truncated or corrupt" in errors.loc["00000001", "reason"]
+    assert "00000002.png: the file is empty" in errors.loc["00000002", "reason"]
+    assert "00000003.json: field 'keypoint_3d'" in errors.loc["00000003", "reason"]
+    assert "00000004.json" in errors.loc["00000004", "reason"]
+    assert errors[["A_pa_mpjpe", "B_pck"]].isna().all().all() and not errors["keep"].any()
+    ok = table[table["status"] == "ok"]
+    assert (
+        len(ok) == 4 and np.isfinite(ok[["A_pa_mpjpe", "A_s_mpjpe", "B_pck", "B_max_kp_error"]]).all().all()
+    )
+    assert ok["keep"].all()  # loose thresholds
+    assert (summary.total, summary.kept, summary.rejected, summary.errored) == (8, 4, 0, 4)
+    keep = (tmp_path / "out" / "keep.txt").read_text().split()
+    reject = (tmp_path / "out" / "reject.txt").read_text().split()
+    assert sorted(keep) == sorted(ok["image"]) and sorted(reject) == sorted(errors["image"])
+
+
+def test_killed_and_rerun_gives_the_uninterrupted_table(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = tmp_path / "whole" / "scores.parquet"
+    run(env, whole)
+    out = tmp_path / "resumed" / "scores.parquet"
+    real, calls = score_module.score_batch, []
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # like Ctrl-C (a SIGKILL is covered by the atomic part files)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(score_module, "score_batch", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        score(env.batch, env.loose, [env.a, env.b], out, batch_size=3, quiet=True, flush_rows=1)
+    assert not out.exists() and len(list(out.with_name("scores.parquet.parts").glob("part-*.parquet"))) == 2
+    monkeypatch.setattr(score_module, "score_batch", real)
+    # A kill while merging: renaming the merged file over the output fails; the parts survive.
+    real_replace = os.replace
+
+    def replace_dies_on_merge(src, dst):
+        if str(src).endswith(".merge.tmp"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_dies_on_merge)
+    with pytest.raises(KeyboardInterrupt):
+        run(env, out)
+    assert not out.exists() and not list(out.parent.glob(".*.tmp"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    summary = run(env, out)
+    assert (summary.scored_now, summary.skipped) == (0, 8)  # the second run had scored the rest
+    assert not out.with_name("scores.parquet.parts").exists()
+    expected, got = pd.read_parquet(whole), pd.read_parquet(out)
+    assert got["image_id"].is_unique and len(got) == 8
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-6, atol=1e-4)
+    assert run(env, out).scored_now == 0  # a finished table is left alone
+    # A kill after the merged file was renamed but before the parts were removed: the rerun de-duplicates.
+    parts = out.with_name("scores.parquet.parts")
+    parts.mkdir()
+    shutil.copy(out, parts / "part-000000.parquet")
+    (parts / "run.json").write_text(json.dumps(score_io.read_provenance(out)))
+    assert run(env, out).scored_now == 0 and not parts.exists()
+    pd.testing.assert_frame_equal(pd.read_parquet(out), got)
+
+
+def test_scoring_an_animal3d_json_matches_the_batch(env: Env, tmp_path: Path) -> None:
+    from_batch = run(env, tmp_path / "b" / "s.parquet", limit=3).out
+    from_json = run(env, tmp_path / "j" / "s.parquet", env.animal3d, limit=3).out
+    a, b = pd.read_parquet(from_batch), pd.read_parquet(from_json)
+    assert list(a["image_id"]) == list(b["image_id"]) and list(a["image"]) == list(b["image"])
+    columns = ["A_pa_mpjpe", "A_s_mpjpe", "A_pck", "B_pck", "B_max_kp_error", "mask_area"]
+    np.testing.assert_allclose(a[columns].to_numpy(float), b[columns].to_numpy(float), rtol=1e-6)
+
+
+def test_config_errors_raise_before_any_model_is_loaded(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration was checked")
+
+    monkeypatch.setattr(score_module.Predictor, "from_checkpoint", no_loading)
+    bad = {
+        "unknown key": LOOSE.replace("s_mpjpe_max: null", "s_mpjpe_max: null, typo: 1"),
+        "wrong type": LOOSE.replace(
+            "pa_mpjpe_max: 100000, s_mpjpe_max: 100000", "pa_mpjpe_max: [1], s_mpjpe_max: 1"
+        ),
+        "no models": "combine: all\n",
+    }
+    for name, text in bad.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        with pytest.raises(ThresholdsError, match=str(path)):
+            run(env, tmp_path / "o.parquet", thresholds_path=path)
+    one_model = tmp_path / "one.yaml"
+    one_model.write_text("models:\n  A: {pa_mpjpe_max: 1, s_mpjpe_max: null, pck: null}\n")
+    with pytest.raises(ValueError, match=r"--models got 2 checkpoint\(s\) but .* defines 1 model"):
+        run(env, tmp_path / "o.parquet", thresholds_path=one_model)
+    with pytest.raises(FileNotFoundError, match="checkpoint of model A not found"):
+        score(env.batch, env.loose, [tmp_path / "missing.pt", env.b], tmp_path / "o.parquet", quiet=True)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(env, tmp_path / "o.parquet", tmp_path / "no-such-input")
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_rerun_with_other_thresholds_is_refused(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "s.parquet"
+    run(env, out, limit=2)
+    other = tmp_path / "other.yaml"
+    other.write_text(LOOSE.replace("min: 0}", "min: 5}"))
+    monkeypatch.setattr(score_module, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    with pytest.raises(ScoresMismatchError, match="thresholds file sha256"):
+        run(env, out, thresholds_path=other)
+    with pytest.raises(ScoresMismatchError, match="checkpoints"):
+        score(env.batch, env.loose, [env.b, env.a], out, quiet=True)
+    provenance = score_io.read_provenance(out)
+    assert provenance["thresholds"]["content"] == LOOSE
+    assert [m["sha256"] for m in provenance["models"]] == [
+        (env.root / f"{n}.pt.sha256").read_text().split()[0] for n in "ab"
+    ]

@@ -1,0 +1,119 @@
+"""Training stages end to end on a tiny generated batch: fast_dev_run of every stage and both heads,
+config validation, resuming from last.ckpt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from generation.run import run_generate
+from prf.body.smal import SMAL
+from prf.checkpoint import load_export, sha256_file
+from prf.data.batch import BatchReader
+from prf.data.datamodule import RegressorDataModule, split_indices
+from prf.train import load_train_config, parse_overrides, run_train
+
+TINY_HEADS = {
+    "pare": {"hidden": 32, "num_part_channels": 16, "feature_channels": 8, "pose_hidden": 8},
+    "hmr": {"hidden": 32},
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 10-image BATCH (some injected failures) and its Animal3D-format copy (the fine-tuning stand-in)."""
+    root = tmp_path_factory.mktemp("train")
+    batch, json_path = root / "batch", root / "standin.json"
+    settings = {"n": 10, "seed": 3, "image_size": 64, "inject_failures": 0.3}
+    run_generate(batch, settings, workers=1, animal3d_json=json_path, quiet=True)
+    return {"batch": batch, "json": json_path, "root": root}
+
+
+def _config(root: Path, arch: str, **trainer: object) -> Path:
+    config = {
+        "batch_size": 2,
+        "data": {"val_fraction": 0.3},
+        "model": {"arch": arch, "backbone": "regnetx_002", "out_index": -2, "input_size": 32, "head": TINY_HEADS[arch]},
+        "augment": {"rotation_deg": 20.0},
+        "trainer": {"accelerator": "cpu", "devices": 1, "progress_bar": False, "num_threads": 1, **trainer},
+    }
+    path = root / f"config-{arch}-{len(trainer)}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["pare", "hmr"])
+def test_fast_dev_run_synthetic(data: dict[str, Path], tmp_path: Path, arch: str) -> None:
+    config = _config(data["root"], arch, fast_dev_run=True)
+    export = run_train("synthetic", data["batch"], config, run_dir=tmp_path / "run")
+    payload = torch.load(export, weights_only=True)
+    assert payload["stage"] == "synthetic" and payload["arch"] == arch and payload["input_size"] == 32
+    assert set(payload["metrics"]) >= {"pa_mpjpe", "s_mpjpe", "pck_0.1", "pck_0.15"}
+    assert (tmp_path / "run" / "export.pt.sha256").read_text().split()[0] == sha256_file(export)
+
+
+def test_fast_dev_run_pretrain_then_finetune_from_its_export(data: dict[str, Path], tmp_path: Path) -> None:
+    config = _config(data["root"], "pare", fast_dev_run=True)
+    pretrain = run_train("pretrain", [data["batch"]], config, run_dir=tmp_path / "pretrain")
+    with pytest.raises(ValueError, match="--init"):
+        run_train("finetune", data["json"], config, run_dir=tmp_path / "finetune")
+    finetune = run_train("finetune", data["json"], config, init=pretrain, run_dir=tmp_path / "finetune")
+    before, after = load_export(pretrain), load_export(finetune)
+    assert after["stage"] == "finetune" and after["config"]["init"] == str(pretrain)
+    # The fine-tuned weights started from the pretrain export and moved by one step.
+    key = next(k for k in before["state_dict"] if k.endswith("weight"))
+    assert not torch.equal(before["state_dict"][key], after["state_dict"][key])
+    assert (before["state_dict"][key] - after["state_dict"][key]).abs().max() < 0.1
+    # An --init with another head is refused with a clear message.
+    with pytest.raises(ValueError, match="same model settings"):
+        run_train("finetune", data["json"], _config(data["root"], "hmr", fast_dev_run=True), init=pretrain)
+
+
+def test_resume_from_last_checkpoint(data: dict[str, Path], tmp_path: Path) -> None:
+    config = _config(data["root"], "hmr", max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    run_dir = tmp_path / "run"
+    first = load_export(run_train("synthetic", data["batch"], config, run_dir=run_dir))
+    assert (run_dir / "last.ckpt").is_file() and first["steps_trained"] == 1
+    second = load_export(
+        run_train("synthetic", data["batch"], config, run_dir=run_dir, overrides={"trainer.max_epochs": 2})
+    )
+    assert second["steps_trained"] == 2 and second["epochs_trained"] == 2
+    with pytest.raises(ValueError, match=r"another config \(optim.lr"):
+        run_train("synthetic", data["batch"], config, run_dir=run_dir, overrides={"optim.lr": 0.5})
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown key 'model.backbon'"):
+        load_train_config("synthetic", overrides={"model.backbon": "resnet18"})
+    with pytest.raises(ValueError, match="'trainer.max_epochs'"):
+        load_train_config("synthetic", overrides={"trainer.max_epochs": 0})
+    with pytest.raises(ValueError, match="unknown stage"):
+        load_train_config("warmup")
+    assert parse_overrides(["optim.lr=1e-4", "trainer.devices=2"]) == {"optim.lr": 1e-4, "trainer.devices": 2}
+    with pytest.raises(ValueError, match="key.sub=value"):
+        parse_overrides(["optim.lr"])
+    for stage in ("synthetic", "pretrain", "finetune"):
+        assert load_train_config(stage).model.backbone == "regnetx_002"
+        paper = Path(__file__).resolve().parents[1] / "prf" / "configs" / f"train_paper_{stage}.yaml"
+        cfg = load_train_config(stage, paper)
+        assert cfg.model.input_size == 224 and cfg.model.backbone in ("resnet50", "hrnet_w32")
+
+
+def test_datamodule_split_is_seeded_and_uses_faithful_rows(data: dict[str, Path]) -> None:
+    train_a, val_a = split_indices(20, 0.25, seed=7)
+    train_b, val_b = split_indices(20, 0.25, seed=7)
+    assert train_a.tolist() == train_b.tolist() and len(val_a) == 5 and not set(train_a) & set(val_a)
+    smal = SMAL.builtin()
+    dm = RegressorDataModule(
+        [data["batch"]], None, 32, 2, joint_names=smal.joint_names, num_betas=smal.num_betas, val_fraction=0.3
+    )
+    dm.setup()
+    manifest = BatchReader(data["batch"]).manifest
+    faithful = int((manifest["injected_failure"] == "none").sum())
+    assert faithful < len(manifest)
+    assert len(dm.train_set) + len(dm.val_set) == faithful
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["pose"].shape == (2, 35, 3, 3)
