@@ -60,6 +60,21 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 @app.command()
 @friendly_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's batch and scores.")] = Path(
+        "demo"
+    ),
+    n: Annotated[int, typer.Option("--n", help="Images to generate.")] = 48,
+    seed: Annotated[int, typer.Option(help="Generation seed.")] = 2026,
+) -> None:
+    """The main job on the built-in defaults: generate a small batch with failures, score it, show it."""
+    from prf.demo import run_demo
+
+    run_demo(out, n=n, seed=seed)
+
+
+@app.command()
+@friendly_errors
 def body(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("body.png"),
     smal: Annotated[
@@ -155,6 +170,18 @@ def batch_sheet(
 
     path = write_contact_sheet(batch, out or batch / "sheet.png", limit=limit)
     console.print(f"wrote {path}")
+
+
+def _register_commands() -> None:
+    """Commands whose functions live in their own modules (each imports its heavy parts lazily)."""
+    from prf import cli_score
+
+    app.command("score")(cli_score.score)
+    app.command("calibrate")(cli_score.calibrate)
+    app.command("report")(cli_score.report)
+
+
+_register_commands()
 
 
 def main() -> None:

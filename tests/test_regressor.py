@@ -42,7 +42,9 @@ def smal() -> SMAL:
 
 
 def _module(smal: SMAL, arch: str) -> RegressorModule:
-    net = build_regressor_net(arch, "regnetx_002", smal.num_joints, smal.num_betas, out_index=-2, **TINY_HEADS[arch])
+    net = build_regressor_net(
+        arch, "regnetx_002", smal.num_joints, smal.num_betas, out_index=-2, **TINY_HEADS[arch]
+    )
     return RegressorModule(net, smal, LossConfig(), OptimConfig(), input_size=SIZE)
 
 
@@ -151,7 +153,7 @@ def test_lightning_checkpoint_for_another_layout_is_refused(smal: SMAL) -> None:
     data = build_quadruped()
     other = SMAL(dataclasses.replace(data, shapedirs=data.shapedirs[:, :, :4], name="four-beta-quadruped"))
     checkpoint[LAYOUT_KEY] = other.layout_signature()
-    with pytest.raises(LayoutMismatchError, match="four-beta-quadruped.*builtin-quadruped"):
+    with pytest.raises(LayoutMismatchError, match=r"four-beta-quadruped.*builtin-quadruped"):
         module.on_load_checkpoint(checkpoint)
 
 

@@ -36,7 +36,13 @@ def _config(root: Path, arch: str, **trainer: object) -> Path:
     config = {
         "batch_size": 2,
         "data": {"val_fraction": 0.3},
-        "model": {"arch": arch, "backbone": "regnetx_002", "out_index": -2, "input_size": 32, "head": TINY_HEADS[arch]},
+        "model": {
+            "arch": arch,
+            "backbone": "regnetx_002",
+            "out_index": -2,
+            "input_size": 32,
+            "head": TINY_HEADS[arch],
+        },
         "augment": {"rotation_deg": 20.0},
         "trainer": {"accelerator": "cpu", "devices": 1, "progress_bar": False, "num_threads": 1, **trainer},
     }
@@ -86,14 +92,14 @@ def test_resume_from_last_checkpoint(data: dict[str, Path], tmp_path: Path) -> N
 
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown key 'model.backbon'"):
+    with pytest.raises(ValueError, match=r"unknown key 'model\.backbon'"):
         load_train_config("synthetic", overrides={"model.backbon": "resnet18"})
-    with pytest.raises(ValueError, match="'trainer.max_epochs'"):
+    with pytest.raises(ValueError, match=r"'trainer\.max_epochs'"):
         load_train_config("synthetic", overrides={"trainer.max_epochs": 0})
     with pytest.raises(ValueError, match="unknown stage"):
         load_train_config("warmup")
     assert parse_overrides(["optim.lr=1e-4", "trainer.devices=2"]) == {"optim.lr": 1e-4, "trainer.devices": 2}
-    with pytest.raises(ValueError, match="key.sub=value"):
+    with pytest.raises(ValueError, match=r"key\.sub=value"):
         parse_overrides(["optim.lr"])
     for stage in ("synthetic", "pretrain", "finetune"):
         assert load_train_config(stage).model.backbone == "regnetx_002"
@@ -104,7 +110,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 
 def test_datamodule_split_is_seeded_and_uses_faithful_rows(data: dict[str, Path]) -> None:
     train_a, val_a = split_indices(20, 0.25, seed=7)
-    train_b, val_b = split_indices(20, 0.25, seed=7)
+    train_b, _ = split_indices(20, 0.25, seed=7)
     assert train_a.tolist() == train_b.tolist() and len(val_a) == 5 and not set(train_a) & set(val_a)
     smal = SMAL.builtin()
     dm = RegressorDataModule(

@@ -37,7 +37,9 @@ def _annotation(smal: SMAL, seed: int, distance: float, focal: float, size: int 
     betas = rng.normal(0.0, 0.5, size=smal.num_betas)
     trans = rng.normal(0.0, 0.1, size=3)
     out = smal(
-        betas=torch.as_tensor(betas)[None], pose=torch.as_tensor(pose)[None], trans=torch.as_tensor(trans)[None]
+        betas=torch.as_tensor(betas)[None],
+        pose=torch.as_tensor(pose)[None],
+        trans=torch.as_tensor(trans)[None],
     )
     kp3d = out.keypoints[0].numpy()
     view = torch.tensor([rng.uniform(-np.pi, np.pi), rng.uniform(-0.4, 0.6), rng.uniform(-0.3, 0.3)])
@@ -103,7 +105,7 @@ def test_flip_maps_left_paw_onto_right_paw(smal: SMAL) -> None:
 
 @pytest.mark.parametrize("seed", [2, 3])
 def test_flipped_pose_through_smal_reproduces_flipped_keypoints(smal: SMAL, seed: int) -> None:
-    """Mirrored local pose + M_c R0 M_b global orientation, posed through SMAL, gives the mirrored keypoints."""
+    """Mirrored local pose + M_c R0 M_b global orientation, posed through SMAL: the mirrored keypoints."""
     ann = _annotation(smal, seed=seed, distance=3.0, focal=300.0)
     params = T.AugmentParams(rotation=20.0, scale_factor=1.1, flip=True)
     for item in (_item(smal, ann, None), _item(smal, ann, params)):

@@ -44,7 +44,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from prf.body.layout import FINE_PARTS, joint_flip_permutation
 from prf.data import transforms as T
@@ -61,7 +61,8 @@ Rows = Literal["faithful", "failures", "all"]
 
 class AugmentConfig(BaseModel):
     """Training augmentation (PARE defaults): rotation (degrees, applied with probability
-    ``rotation_prob``), box scale jitter (+- fraction), colour jitter strength, horizontal flip probability."""
+    ``rotation_prob``), box scale jitter (+- fraction), colour jitter strength, horizontal flip
+    probability."""
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
@@ -420,15 +421,3 @@ class RegressorDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
-
-
-def concat(datasets: Sequence[Dataset]) -> Dataset:
-    """One dataset from several (a single one is returned as is)."""
-    return datasets[0] if len(datasets) == 1 else ConcatDataset(list(datasets))
-
-
-def subset(dataset: Dataset, limit: int | None) -> Dataset:
-    """The first ``limit`` items of ``dataset`` (all when None)."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return Subset(dataset, range(limit))

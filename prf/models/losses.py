@@ -39,7 +39,7 @@ def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
 
 
 def keypoint_2d_loss(pred: Tensor, target: Tensor, visibility: Tensor) -> Tensor:
-    """L1 over visible keypoints: pred, target (B, K, 2) normalised; visibility (B, K) -> () mean per coord."""
+    """L1 over visible keypoints: pred, target (B, K, 2) normalised; visibility (B, K) -> () per coord."""
     per_point = (pred - target).abs().sum(dim=-1) / 2.0
     return _masked_mean(per_point, visibility)
 

@@ -62,7 +62,7 @@ def keypoint_only_smal(smal: SMAL) -> SMAL:
     if smal.keypoint_regressor is None:
         raise ValueError(
             f"SMAL model {smal.name!r} has no keypoint vertex groups, so the 26 keypoints the regressor is "
-            "trained on are undefined; use a model with keypoint groups (the built-in one or a 3889-vertex SMAL)"
+            "trained on are undefined; use a model with keypoint groups (built-in, or a 3889-vertex SMAL)"
         )
     kp_reg = smal.keypoint_regressor.detach().double().cpu().numpy()
     keep = np.flatnonzero(np.abs(kp_reg).sum(axis=0) > 0)
@@ -249,8 +249,8 @@ class RegressorModule(pl.LightningModule):
         return self._shared_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> dict[str, Tensor]:
-        """A batch (dict with ``image`` and optionally ``crop_cam``, or a (B, 3, S, S) tensor) -> predictions on the CPU (no part logits),
-        with ``keypoints_2d_crop`` (B, K, 2) in crop pixels added."""
+        """A batch (dict with ``image`` and optionally ``crop_cam``, or a (B, 3, S, S) tensor) -> CPU
+        predictions (no part logits), with ``keypoints_2d_crop`` (B, K, 2) in crop pixels added."""
         images = batch["image"] if isinstance(batch, dict) else batch
         pred = self(images, batch.get("crop_cam") if isinstance(batch, dict) else None)
         out = {k: v.detach().cpu() for k, v in pred.items() if v is not None and k != "part_logits"}
@@ -276,14 +276,12 @@ class RegressorModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trained = checkpoint.get(LAYOUT_KEY)
         if trained is None:
-            raise ValueError(
-                "this Lightning checkpoint records no SMAL layout; it was not written by prf's RegressorModule"
-            )
+            raise ValueError("this Lightning checkpoint records no SMAL layout: it was not written by prf")
         check_layout(trained, self.smal_layout, "the checkpoint")
 
 
 def _warmup_cosine(warmup: int, total: int, min_ratio: float, cosine: bool):
-    """LR factor per step: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio`` (or constant)."""
+    """LR factor per step: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio`` (or flat)."""
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
