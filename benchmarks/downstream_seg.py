@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +178,8 @@ def run_downstream_seg(
     settings = settings or (QUICK if quick else SegSettings())
     setup = setup or FilterSetup()
     if quick:
-        setup.untrained_ok = True
-        setup.kcf_overrides = {**QUICK_KCF, **setup.kcf_overrides}
+        overrides = {**QUICK_KCF, **setup.kcf_overrides}
+        setup = replace(setup, untrained_ok=True, kcf_overrides=overrides)
     out = Path(out_dir) if out_dir else (Path(tempfile.mkdtemp(prefix="seg-quick-")) if quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="seg-work-"))

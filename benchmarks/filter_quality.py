@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +240,8 @@ def run_filter_quality(
     n, image_size = n or settings["n"], image_size or settings["image_size"]
     setup = setup or FilterSetup()
     if quick:
-        setup.untrained_ok = True
-        setup.kcf_overrides = {**QUICK_KCF, **setup.kcf_overrides}
+        overrides = {**QUICK_KCF, **setup.kcf_overrides}
+        setup = replace(setup, untrained_ok=True, kcf_overrides=overrides)
     out = Path(out_dir) if out_dir else (Path(tempfile.mkdtemp(prefix="fq-quick-")) if quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fq-work-"))

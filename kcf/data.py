@@ -25,11 +25,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
 from prf.data import transforms as T
@@ -42,6 +43,18 @@ HEADS: tuple[str, ...] = ("azimuth", "elevation", "theta")
 NUM_BINS = 41
 TWO_PI = 2.0 * math.pi
 GLOBAL_ORIENT_EPS = 1e-6  # radians; a smaller global orientation counts as zero
+
+
+class DataSettings(BaseModel):
+    """Input crop: ``bbox`` (square box ``crop_scale * max(w, h)`` around the annotation's bbox) or
+    ``full`` (the whole image resized, as 3D-DST does); DataLoader workers; ``dst_images``: the 3D-DST
+    generated-image folder name (None = detect it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    crop: Literal["bbox", "full"] = "bbox"
+    crop_scale: float = Field(1.25, gt=0.0)
+    num_workers: int = Field(0, ge=0)
+    dst_images: str | None = None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ Work folder (``FoldStore``), next to the SCORES file (``scores.parquet`` -> ``sc
     run.json                what the run is (config, seed, K, a digest of the labelled images): a rerun
                             with anything else is refused unless restarted
     fold_<k>/last.ckpt      Lightning checkpoint while fold k trains (resumes mid-fold; deleted when done)
-    fold_<k>/model.pt       the fold's trained classifier ({"state_dict", "net", "bins", "fold"})
+    fold_<k>/model.pt       the fold's trained classifier ({"state_dict", "net", "bins", "fold"}), and
+    fold_<k>/train.json     its training wall seconds (a fold resumed mid-training counts its last attempt)
     fold_<k>/scores.parquet the held-out scores of fold k
     fold_<k>/done.json      written last: fold k is finished (with its train / score wall times)
 
@@ -111,7 +112,14 @@ class FoldStore:
         return self.fold_dir(fold) / "last.ckpt"
 
     def is_done(self, fold: int) -> bool:
-        return (self.fold_dir(fold) / "done.json").is_file() and (self.fold_dir(fold) / "scores.parquet").is_file()
+        return (self.fold_dir(fold) / "done.json").is_file() and (
+            self.fold_dir(fold) / "scores.parquet"
+        ).is_file()
+
+    def train_seconds(self, fold: int) -> float:
+        """Training wall seconds recorded with the fold's model.pt (0 if not recorded)."""
+        path = self.fold_dir(fold) / "train.json"
+        return float(json.loads(path.read_text(encoding="utf-8"))["train_seconds"]) if path.is_file() else 0.0
 
     def done_info(self, fold: int) -> dict[str, Any]:
         return json.loads((self.fold_dir(fold) / "done.json").read_text(encoding="utf-8"))
@@ -180,7 +188,9 @@ def _trainer(spec: FoldSpec, fold_dir: Path) -> pl.Trainer:
 
 
 def _module(spec: FoldSpec) -> KCFModule:
-    net = build_pose_classifier(spec.backbone, spec.bins.num_bins, spec.out_index, spec.pretrained_path, spec.dropout)
+    net = build_pose_classifier(
+        spec.backbone, spec.bins.num_bins, spec.out_index, spec.pretrained_path, spec.dropout
+    )
     return KCFModule(net, spec.bins, spec.optim)
 
 
@@ -191,7 +201,9 @@ def _dataset(spec: FoldSpec, items: Sequence[KCFItem], module: KCFModule) -> KCF
     )
 
 
-def train_fold(spec: FoldSpec, fold: int, train_items: Sequence[KCFItem], store: FoldStore) -> tuple[KCFModule, float]:
+def train_fold(
+    spec: FoldSpec, fold: int, train_items: Sequence[KCFItem], store: FoldStore
+) -> tuple[KCFModule, float]:
     """Train fold ``fold``'s classifier on ``train_items`` (resuming from its ``last.ckpt``), save
     ``model.pt``; returns (module, training wall seconds of this call)."""
     fold_dir = store.fold_dir(fold)
@@ -216,6 +228,9 @@ def train_fold(spec: FoldSpec, fold: int, train_items: Sequence[KCFItem], store:
             "epochs_trained": int(trainer.current_epoch),
         },
         store.model_path(fold),
+    )
+    atomic_write_json(
+        fold_dir / "train.json", {"train_seconds": seconds, "epochs": int(trainer.current_epoch)}
     )
     return module, seconds
 

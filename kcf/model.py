@@ -13,6 +13,7 @@ The geodesic error is the angle between the rotation of the predicted bins' cent
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,6 +25,33 @@ from torch import Tensor, nn
 from kcf.data import HEADS, AngleBins, rotation_from_angles
 from prf.metrics import rotation_geodesic
 from prf.models.backbone import Backbone, build_backbone
+
+
+class ModelSettings(BaseModel):
+    """Classifier: timm ``backbone`` at feature level ``out_index``, input side ``input_size`` pixels,
+    optional local ImageNet weights ``pretrained_path`` (never downloaded), dropout before the heads."""
+
+    model_config = ConfigDict(extra="forbid")
+    backbone: str = "regnetx_002"
+    out_index: int = -2
+    pretrained_path: str | None = None
+    input_size: int = Field(96, ge=16)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class BinSettings(BaseModel):
+    """Bins per head and the elevation / theta ranges they cover (DEGREES; azimuth always [0, 360))."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_bins: int = Field(41, ge=2)
+    elevation_range_deg: tuple[float, float] = (-180.0, 180.0)
+    theta_range_deg: tuple[float, float] = (-180.0, 180.0)
+
+    def angle_bins(self) -> AngleBins:
+        """The AngleBins (radians) these settings describe."""
+        lo, hi = (math.radians(v) for v in self.elevation_range_deg)
+        t_lo, t_hi = (math.radians(v) for v in self.theta_range_deg)
+        return AngleBins(self.num_bins, (lo, hi), (t_lo, t_hi))
 
 
 class OptimSettings(BaseModel):

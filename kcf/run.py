@@ -2,21 +2,22 @@
 
 ``run_kcf`` labels every image (``kcf.data.collect_items``), assigns folds (``kcf.folds.assign_folds``),
 and for each fold trains the classifier on the other K-1 folds and scores the held-out one (resumable per
-fold, ``kcf.folds.FoldStore``). Verdicts: an image is kept when its summed cross-entropy is <= ``ce_max``
+fold, ``kcf.folds.FoldStore``). Verdict: an image is kept when its summed cross-entropy is <= ``ce_max``
 and, if set, its geodesic error is <= ``geodesic_max``.
 
-SCORES (the layout ``prf score`` writes; model name "kcf"), one row per input image, sorted by image_id:
-``image_id``, ``image``, ``kcf_ce`` (summed CE, nats), ``kcf_ce_azimuth``, ``kcf_ce_elevation``,
-``kcf_ce_theta``, ``kcf_geodesic`` (radians), ``kcf_fold``, ``kcf_keep``, ``keep``, ``status`` ("ok" |
-"error"), ``reason`` (the failed threshold, or the error; "" when kept). Error rows have NaN metrics and
-keep False. Parquet metadata key ``prf_scores`` holds JSON provenance: filter, input, resolved config,
-thresholds and their sha256, fold model sha256s, and the cost (training and scoring wall seconds).
-Beside it: ``<stem>.keep.txt`` (kept ids) and ``<stem>.reject.txt`` (every other id), one per line.
+SCORES: the layout of ``prf score`` (docs/scores-format.md, written with ``prf.score_io``'s helpers) with
+the model named ``kcf``; one row per input image, sorted by image_id. Columns: ``image_id``, ``image``
+(absolute path), ``status`` ("ok" | "error"), ``reason`` (e.g. ``kcf: ce 5.210 > 3.73``; "" when kept; the
+problem for error rows), ``keep``, ``kcf_ce`` (summed CE of the three heads, nats), ``kcf_ce_azimuth``,
+``kcf_ce_elevation``, ``kcf_ce_theta`` (nats), ``kcf_geodesic`` (radians), ``kcf_keep``, ``kcf_fold``
+(the fold that scored it). Metric columns and ``kcf_keep`` are null on error rows, ``kcf_fold`` is -1.
+The Parquet metadata key ``prf_scores`` holds the provenance (format, input, thresholds {path, sha256,
+content}, one model entry per fold with its sha256, units) plus ``kcf`` {config, cost}: the training and
+scoring wall seconds. ``keep.txt`` / ``reject.txt`` beside it list image paths (``prf.score_io.write_lists``).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,56 +38,30 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kcf.data import AngleBins, ItemError, KCFItem, collect_items
-from kcf.folds import FoldSpec, FoldStore, assign_folds, items_digest, load_fold_module, score_fold, train_fold
-from kcf.model import OptimSettings
+from kcf.data import DataSettings, ItemError, KCFItem, collect_items
+from kcf.folds import (
+    FoldSpec,
+    FoldStore,
+    assign_folds,
+    items_digest,
+    load_fold_module,
+    score_fold,
+    train_fold,
+)
+from kcf.model import BinSettings, ModelSettings, OptimSettings
 from prf.checkpoint import sha256_file
 from prf.data.io import atomic_write_bytes
+from prf.score_io import METADATA_KEY, SCORES_FORMAT, SCORES_FORMAT_VERSION, now_iso, prf_version, write_lists
 
 MODEL_NAME = "kcf"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "kcf_default.yaml"
-SCORES_FORMAT = "prf-scores"
-SCORES_FORMAT_VERSION = 1
 # Settings that may change between a run and its resumption (they do not change what is computed).
 VOLATILE_KEYS = ("num_workers", "score_batch_size", "progress_bar", "num_threads", "accelerator", "devices")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ModelSettings(_Section):
-    """Classifier: timm ``backbone`` at feature level ``out_index``, input side ``input_size`` pixels."""
-
-    backbone: str = "regnetx_002"
-    out_index: int = -2
-    pretrained_path: str | None = None
-    input_size: int = Field(96, ge=16)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-
-
-class BinSettings(_Section):
-    """Bins per head and the elevation / theta ranges they cover (DEGREES; azimuth always [0, 360))."""
-
-    num_bins: int = Field(41, ge=2)
-    elevation_range_deg: tuple[float, float] = (-180.0, 180.0)
-    theta_range_deg: tuple[float, float] = (-180.0, 180.0)
-
-    def angle_bins(self) -> AngleBins:
-        elevation = tuple(math.radians(v) for v in self.elevation_range_deg)
-        theta = tuple(math.radians(v) for v in self.theta_range_deg)
-        return AngleBins(self.num_bins, elevation, theta)  # type: ignore[arg-type]
-
-
-class DataSettings(_Section):
-    """Input crop: ``bbox`` (square box ``crop_scale * max(w, h)`` around the annotation's bbox) or
-    ``full`` (the whole image resized, as 3D-DST); ``dst_images``: 3D-DST generated-image folder name."""
-
-    crop: Literal["bbox", "full"] = "bbox"
-    crop_scale: float = Field(1.25, gt=0.0)
-    num_workers: int = Field(0, ge=0)
-    dst_images: str | None = None
 
 
 class TrainerSettings(_Section):
@@ -134,7 +109,9 @@ def _validation_message(err: ValidationError, what: str) -> str:
     lines = []
     for item in err.errors()[:5]:
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(f"unknown key '{key}'" if item["type"] == "extra_forbidden" else f"'{key}': {item['msg']}")
+        lines.append(
+            f"unknown key '{key}'" if item["type"] == "extra_forbidden" else f"'{key}': {item['msg']}"
+        )
     return f"invalid {what}: " + "; ".join(lines)
 
 
@@ -150,7 +127,9 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> KCFConfig:
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
+) -> KCFConfig:
     """KCFConfig from a YAML file (default: the packaged CPU config) with dotted ``overrides`` applied
     (``{"trainer.max_epochs": 2}``). Errors name the bad key."""
     source = Path(path) if path is not None else DEFAULT_CONFIG
@@ -169,19 +148,31 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         raise ValueError(_validation_message(err, f"KCF config ({source})")) from None
 
 
-def load_thresholds(path: str | os.PathLike[str] | None) -> tuple[KCFThresholds, str | None]:
-    """(thresholds, sha256 of the file or None for the defaults). Errors name the bad key."""
-    if path is None:
-        return KCFThresholds(), None
+@dataclass(frozen=True)
+class ThresholdsFile:
+    """Thresholds and where they came from (path, sha256 and text are None for the built-in defaults)."""
+
+    thresholds: KCFThresholds
+    path: Path | None = None
+    sha256: str | None = None
+    text: str | None = None
+
+
+def load_thresholds(path: str | os.PathLike[str] | KCFThresholds | None) -> ThresholdsFile:
+    """Thresholds from a YAML file (errors name the bad key), a KCFThresholds, or None (ce_max 3.73)."""
+    if path is None or isinstance(path, KCFThresholds):
+        limits = path or KCFThresholds()
+        return ThresholdsFile(limits, text=yaml.safe_dump(limits.model_dump(mode="json"), sort_keys=False))
     path = Path(path)
     raw = _read_yaml(path, "KCF thresholds file")
     try:
-        return KCFThresholds.model_validate(raw), sha256_file(path)
+        limits = KCFThresholds.model_validate(raw)
     except ValidationError as err:
         raise ValueError(_validation_message(err, f"KCF thresholds file ({path})")) from None
+    return ThresholdsFile(limits, path, sha256_file(path), path.read_text(encoding="utf-8"))
 
 
-def _fold_spec(cfg: KCFConfig) -> FoldSpec:
+def fold_spec(cfg: KCFConfig) -> FoldSpec:
     t = cfg.trainer
     trainer = {
         "max_epochs": t.max_epochs,
@@ -236,8 +227,7 @@ def run_kcf(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     config: KCFConfig | None = None,
-    thresholds: KCFThresholds | None = None,
-    thresholds_sha256: str | None = None,
+    thresholds: KCFThresholds | str | os.PathLike[str] | None = None,
     work_dir: str | os.PathLike[str] | None = None,
     restart: bool = False,
     only_folds: list[int] | None = None,
@@ -248,8 +238,9 @@ def run_kcf(
     Args:
         source: BATCH folder, Animal3D-format JSON, annotated image folder or 3D-DST output folder.
         out: the SCORES Parquet file (keep / reject lists go beside it).
-        config: KCFConfig (default: the packaged CPU config); thresholds: KCFThresholds (default ce <= 3.73).
-        thresholds_sha256: recorded in the metadata (``load_thresholds`` returns it).
+        config: KCFConfig (default: the packaged CPU config).
+        thresholds: a thresholds YAML file or KCFThresholds (default: ce_max 3.73); applied after the
+            folds, so changing them on a finished run only rewrites SCORES.
         work_dir: per-fold folder (default ``<out stem>.kcf`` beside ``out``).
         restart: discard an existing work folder instead of resuming it.
         only_folds: train and score only these folds (to spread folds over machines); the SCORES file is
@@ -258,19 +249,25 @@ def run_kcf(
     """
     started = time.perf_counter()
     cfg = config or load_config()
-    thresholds = thresholds or KCFThresholds()
+    limits = load_thresholds(thresholds)
     source, out = Path(source), Path(out)
-    if cfg.trainer.num_threads is not None:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    items, errors, kind = collect_items(source, cfg.data.dst_images)
-    folds = assign_folds([item.image_id for item in items], cfg.folds, cfg.seed)
-    store = FoldStore(work_dir if work_dir is not None else default_work_dir(out))
-    store.claim(_signature(cfg, items, source), restart=restart)
-    spec = _fold_spec(cfg)
     wanted = sorted(set(only_folds)) if only_folds is not None else list(range(cfg.folds))
     bad = [k for k in wanted if not 0 <= k < cfg.folds]
     if bad:
         raise ValueError(f"folds {bad} do not exist: choose among 0..{cfg.folds - 1}")
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    items, errors, kind = collect_items(source, cfg.data.dst_images)
+    folds = assign_folds([item.image_id for item in items], cfg.folds, cfg.seed)
+    smallest_training_set = len(items) - max(np.bincount(list(folds.values())))
+    if smallest_training_set < 2:
+        raise ValueError(
+            f"{len(items)} labelled images leave a fold only {smallest_training_set} to train on; "
+            "KCF needs at least 2 per fold (use fewer folds or more images)"
+        )
+    store = FoldStore(work_dir if work_dir is not None else default_work_dir(out))
+    store.claim(_signature(cfg, items, source), restart=restart)
+    spec = fold_spec(cfg)
     resumed = []
     for fold in wanted:
         if store.is_done(fold):
@@ -280,12 +277,13 @@ def run_kcf(
         held_out = [item for item in items if folds[item.image_id] == fold]
         info: dict[str, Any] = {"fold": fold, "train_images": len(train_items), "held_out": len(held_out)}
         if store.model_path(fold).is_file():
-            module, train_s = load_fold_module(spec, store, fold), 0.0
-            info["note"] = "model.pt found: training skipped"
+            module, train_s = load_fold_module(spec, store, fold), store.train_seconds(fold)
         else:
             module, train_s = train_fold(spec, fold, train_items, store)
         frame, score_s = score_fold(spec, fold, module, held_out, store)
-        info.update(train_seconds=train_s, score_seconds=score_s, model_sha256=sha256_file(store.model_path(fold)))
+        info.update(
+            train_seconds=train_s, score_seconds=score_s, model_sha256=sha256_file(store.model_path(fold))
+        )
         store.finish(fold, frame, info)
         if on_fold_done is not None:
             on_fold_done(fold)
@@ -293,20 +291,40 @@ def run_kcf(
         return None
     fold_frames = [store.load_scores(k) for k in range(cfg.folds)]
     infos = [store.done_info(k) for k in range(cfg.folds)]
-    scores = build_scores(items, errors, pd.concat(fold_frames, ignore_index=True), thresholds)
+    scores = build_scores(items, errors, pd.concat(fold_frames, ignore_index=True), limits.thresholds)
     train_s = float(sum(i["train_seconds"] for i in infos))
     score_s = float(sum(i["score_seconds"] for i in infos))
+    fold_models = [
+        {
+            "fold": i["fold"],
+            "checkpoint": str(store.model_path(i["fold"]).absolute()),
+            "sha256": i["model_sha256"],
+        }
+        for i in infos
+    ]
+    ensemble_sha = hashlib.sha256("".join(m["sha256"] for m in fold_models).encode()).hexdigest()
     metadata = {
         "format": SCORES_FORMAT,
         "format_version": SCORES_FORMAT_VERSION,
-        "filter": MODEL_NAME,
-        "models": [MODEL_NAME],
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "input": {"path": str(source), "kind": kind, "images": len(items) + len(errors)},
-        "config": cfg.model_dump(mode="json"),
-        "thresholds": thresholds.model_dump(mode="json"),
-        "thresholds_sha256": thresholds_sha256,
-        "checkpoints": {f"{MODEL_NAME}_fold{i['fold']}": i["model_sha256"] for i in infos},
+        "prf_version": prf_version(),
+        "created": now_iso(),
+        "input": os.path.abspath(source),
+        "input_kind": kind,
+        "combine": "all",
+        "thresholds": {
+            "path": os.path.abspath(limits.path) if limits.path else None,
+            "sha256": limits.sha256,
+            "content": limits.text,
+        },
+        "models": [
+            {
+                "name": MODEL_NAME,
+                "checkpoint": str(store.root.absolute()),
+                "sha256": ensemble_sha,
+                "folds": fold_models,
+            }
+        ],
+        "units": UNITS,
         "cost": {
             "train_seconds": train_s,
             "score_seconds": score_s,
@@ -317,6 +335,12 @@ def run_kcf(
             ],
             "machine": f"{platform.machine()} {platform.system()}, torch {torch.__version__}",
             "device": _device_name(cfg.trainer.accelerator),
+        },
+        "kcf": {
+            "config": cfg.model_dump(mode="json"),
+            "thresholds": limits.thresholds.model_dump(mode="json"),
+            "labelled_images": len(items),
+            "unlabelled_images": len(errors),
         },
     }
     keep_file, reject_file = write_scores(scores, out, metadata)
@@ -335,10 +359,21 @@ def _device_name(accelerator: str) -> str:
 def _reason(ce: float, geodesic: float, t: KCFThresholds) -> str:
     failed = []
     if t.ce_max is not None and not ce <= t.ce_max:
-        failed.append(f"{MODEL_NAME}_ce {ce:.3f} > {t.ce_max:g}")
+        failed.append(f"ce {ce:.3f} > {t.ce_max:g}")
     if t.geodesic_max is not None and not geodesic <= t.geodesic_max:
-        failed.append(f"{MODEL_NAME}_geodesic {geodesic:.3f} > {t.geodesic_max:g}")
-    return "; ".join(failed)
+        failed.append(f"geodesic {geodesic:.3f} > {t.geodesic_max:g}")
+    return f"{MODEL_NAME}: " + ", ".join(failed) if failed else ""
+
+
+METRICS = ("ce", "ce_azimuth", "ce_elevation", "ce_theta", "geodesic")
+UNITS = {"ce": "nats", "ce_azimuth": "nats", "ce_elevation": "nats", "ce_theta": "nats", "geodesic": "rad"}
+SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("image", pa.string()), ("status", pa.string()), ("reason", pa.string())]
+    + [("keep", pa.bool_())]
+    + [(f"{MODEL_NAME}_{m}", pa.float64()) for m in METRICS]
+    + [(f"{MODEL_NAME}_keep", pa.bool_()), (f"{MODEL_NAME}_fold", pa.int64())]
+)
+SCORES_COLUMNS = tuple(SCHEMA.names)
 
 
 def build_scores(
@@ -350,116 +385,33 @@ def build_scores(
     rows = []
     for item in items:
         s = by_id.loc[item.image_id]
-        row = {
-            "image_id": item.image_id, "image": item.image,
-            f"{MODEL_NAME}_ce": float(s["ce"]), f"{MODEL_NAME}_ce_azimuth": float(s["ce_azimuth"]),
-            f"{MODEL_NAME}_ce_elevation": float(s["ce_elevation"]), f"{MODEL_NAME}_ce_theta": float(s["ce_theta"]),
-            f"{MODEL_NAME}_geodesic": float(s["geodesic"]), f"{MODEL_NAME}_fold": int(s["fold"]),
-        }  # fmt: skip
+        row: dict[str, Any] = {"image_id": item.image_id, "image": str(item.image_path.absolute())}
         if s["error"]:
-            row.update({f"{MODEL_NAME}_keep": False, "keep": False, "status": "error", "reason": s["error"]})
+            row.update(status="error", reason=s["error"], keep=False)
+            row.update({f"{MODEL_NAME}_{m}": None for m in METRICS})
+            row.update({f"{MODEL_NAME}_keep": None, f"{MODEL_NAME}_fold": int(s["fold"])})
         else:
-            reason = _reason(row[f"{MODEL_NAME}_ce"], row[f"{MODEL_NAME}_geodesic"], thresholds)
-            row.update({f"{MODEL_NAME}_keep": not reason, "keep": not reason, "status": "ok", "reason": reason})
+            reason = _reason(float(s["ce"]), float(s["geodesic"]), thresholds)
+            row.update(status="ok", reason=reason, keep=not reason)
+            row.update({f"{MODEL_NAME}_{m}": float(s[m]) for m in METRICS})
+            row.update({f"{MODEL_NAME}_keep": not reason, f"{MODEL_NAME}_fold": int(s["fold"])})
         rows.append(row)
-    nan = float("nan")
     for err in errors:
-        rows.append(
-            {
-                "image_id": err.image_id, "image": err.image,
-                f"{MODEL_NAME}_ce": nan, f"{MODEL_NAME}_ce_azimuth": nan, f"{MODEL_NAME}_ce_elevation": nan,
-                f"{MODEL_NAME}_ce_theta": nan, f"{MODEL_NAME}_geodesic": nan, f"{MODEL_NAME}_fold": -1,
-                f"{MODEL_NAME}_keep": False, "keep": False, "status": "error", "reason": err.reason,
-            }
-        )  # fmt: skip
-    frame = pd.DataFrame(rows, columns=list(SCORES_COLUMNS))
-    return frame.sort_values("image_id", ignore_index=True)
+        row = {"image_id": err.image_id, "image": err.image, "status": "error", "reason": err.reason}
+        row.update({"keep": False, f"{MODEL_NAME}_keep": None, f"{MODEL_NAME}_fold": -1})
+        row.update({f"{MODEL_NAME}_{m}": None for m in METRICS})
+        rows.append(row)
+    rows.sort(key=lambda r: r["image_id"])
+    return pa.Table.from_pylist(rows, schema=SCHEMA).to_pandas()
 
 
-SCORES_COLUMNS = (
-    "image_id", "image", f"{MODEL_NAME}_ce", f"{MODEL_NAME}_ce_azimuth", f"{MODEL_NAME}_ce_elevation",
-    f"{MODEL_NAME}_ce_theta", f"{MODEL_NAME}_geodesic", f"{MODEL_NAME}_fold", f"{MODEL_NAME}_keep", "keep",
-    "status", "reason",
-)  # fmt: skip
-_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()), ("image", pa.string()), (f"{MODEL_NAME}_ce", pa.float64()),
-        (f"{MODEL_NAME}_ce_azimuth", pa.float64()), (f"{MODEL_NAME}_ce_elevation", pa.float64()),
-        (f"{MODEL_NAME}_ce_theta", pa.float64()), (f"{MODEL_NAME}_geodesic", pa.float64()),
-        (f"{MODEL_NAME}_fold", pa.int64()), (f"{MODEL_NAME}_keep", pa.bool_()), ("keep", pa.bool_()),
-        ("status", pa.string()), ("reason", pa.string()),
-    ]
-)  # fmt: skip
-
-
-def write_scores(scores: pd.DataFrame, out: Path, metadata: dict[str, Any]) -> tuple[Path, Path]:
-    """Write SCORES (Parquet, provenance under the metadata key ``prf_scores``) and the keep / reject lists,
-    each atomically. Returns (keep file, reject file)."""
+def write_scores(scores: pd.DataFrame, out: Path, provenance: dict[str, Any]) -> tuple[Path, Path]:
+    """Write SCORES (Parquet, provenance under ``prf.score_io.METADATA_KEY``) atomically, then
+    ``keep.txt`` / ``reject.txt`` beside it. Returns (keep file, reject file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(scores, schema=_SCHEMA, preserve_index=False)
-    table = table.replace_schema_metadata({b"prf_scores": json.dumps(metadata, allow_nan=False).encode()})
+    table = pa.Table.from_pandas(scores, schema=SCHEMA, preserve_index=False)
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(provenance, allow_nan=False).encode()})
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     atomic_write_bytes(out, buffer.getvalue())
-    keep_file = out.with_name(out.stem + ".keep.txt")
-    reject_file = out.with_name(out.stem + ".reject.txt")
-    kept = scores["keep"].to_numpy(dtype=bool)
-    ids = scores["image_id"].to_numpy()
-    atomic_write_bytes(keep_file, "".join(f"{i}\n" for i in ids[kept]).encode())
-    atomic_write_bytes(reject_file, "".join(f"{i}\n" for i in ids[~kept]).encode())
-    return keep_file, reject_file
-
-
-def read_scores_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``prf_scores`` provenance JSON of a SCORES file."""
-    raw = (pq.read_schema(path).metadata or {}).get(b"prf_scores")
-    if raw is None:
-        raise ValueError(f"{path} has no prf_scores metadata: not a SCORES file")
-    return json.loads(raw)
-
-
-def summary_rows(result: KCFResult) -> list[tuple[str, str]]:
-    """(label, value) rows of the run summary: verdict counts, reject reasons, cost."""
-    s = result.scores
-    ok = s["status"] == "ok"
-    n = len(s)
-    kept, rejected, failed = int(s["keep"].sum()), int((ok & ~s["keep"]).sum()), int((~ok).sum())
-    reasons = s.loc[ok & ~s["keep"], "reason"]
-    by_ce = int(reasons.str.contains(f"{MODEL_NAME}_ce ").sum())
-    by_geo = int(reasons.str.contains(f"{MODEL_NAME}_geodesic").sum())
-    total = result.train_seconds + result.score_seconds
-    per_image = total / max(n, 1)
-
-    def pct(k: int) -> str:
-        return f"{k} ({100.0 * k / max(n, 1):.1f}%)"
-
-    median_ce = float(np.nanmedian(s[f"{MODEL_NAME}_ce"])) if ok.any() else math.nan
-    return [
-        ("images", str(n)),
-        ("kept", pct(kept)),
-        ("rejected", pct(rejected)),
-        ("  by summed CE", str(by_ce)),
-        ("  by geodesic error", str(by_geo)),
-        ("errors", pct(failed)),
-        ("median kcf_ce (nats)", f"{median_ce:.3f}"),
-        ("folds resumed", ", ".join(map(str, result.resumed_folds)) or "none"),
-        ("training time (all folds)", f"{result.train_seconds:.1f} s"),
-        ("scoring time (all folds)", f"{result.score_seconds:.1f} s"),
-        ("cost per image", f"{per_image * 1000:.1f} ms"),
-        ("device", str(result.metadata.get("cost", {}).get("device", "?"))),
-    ]
-
-
-def print_summary(result: KCFResult, console: Any | None = None) -> None:
-    """Print the run summary as a rich table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(stderr=True)
-    table = Table(title=f"KCF: {result.out}", show_header=True)
-    table.add_column("")
-    table.add_column("value", justify="right")
-    for label, value in summary_rows(result):
-        table.add_row(label, value)
-    console.print(table)
-    console.print(f"keep list: {result.keep_file}   reject list: {result.reject_file}")
+    return write_lists(out)

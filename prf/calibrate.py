@@ -195,6 +195,19 @@ class _Search:
             return rest.all(0)[:, None] & model_pass
         return rest.any(0)[:, None] | model_pass
 
+    def give_every_model_a_threshold(self) -> None:
+        """A model none of whose thresholds helped gets its first metric at the loosest observed value
+        (the schema needs one threshold per model)."""
+        for model in self.models:
+            keys = [key for key in self.bad if key[0] == model]
+            if all(np.isinf(self.limits[key]) for key in keys):
+                observed = self.candidates[keys[0]][:-1]
+                if observed.size == 0:
+                    raise ValueError(
+                        f"cannot calibrate model {model}: {keys[0][1]} is undefined on every image"
+                    )
+                self.limits[keys[0]] = observed[-1]
+
     def run(self, score: Any) -> None:
         """Maximise ``score(quality dict) -> (C,) structured objective`` coordinate by coordinate."""
         for _ in range(MAX_SWEEPS):
@@ -278,6 +291,7 @@ def calibrate(
             ]
         )
         objective = f"kept images >= {goal:g} faithful"
+    search.give_every_model_a_threshold()
     config = _to_config(search, source, list(metrics))
     final = {k: float(v[0]) for k, v in _quality(search.keep()[:, None], failure).items()}
     result = CalibrationResult(
@@ -320,14 +334,6 @@ def _to_config(search: _Search, source: ThresholdsConfig, metrics: list[str]) ->
     models = {}
     for name, original in source.models.items():
         limits = {m: search.limits[(name, m)] for m in metrics}
-        if all(np.isinf(v) for v in limits.values()):
-            # No threshold of this model helped: keep it at the loosest observed value of its first metric.
-            observed = search.candidates[(name, metrics[0])][:-1]
-            if observed.size == 0:
-                raise ValueError(
-                    f"cannot calibrate model {name}: {metrics[0]} is undefined on every labelled image"
-                )
-            limits[metrics[0]] = observed[-1]
         value: dict[str, float | None] = {}
         for m, limit in limits.items():
             if math.isinf(limit):

@@ -7,7 +7,7 @@ camera-aligned 3D keypoints and the annotation's ``R @ keypoint_3d``; PCK (perce
 keypoints mapped back to IMAGE pixels against ``keypoint_2d`` (visible ones), with the thresholds file's
 alpha and normaliser (sqrt(mask area), or sqrt(w h) of the bbox when the input has no mask; or max(w, h)
 of the bbox); ``max_kp_error``: the largest 2D keypoint error over sqrt(mask area) (reacts to one wrong
-limb, see FINDINGS.md). A model keeps an image when every threshold it sets passes (an undefined metric
+limb, see docs/thresholds.md). A model keeps an image when every threshold it sets passes (an undefined metric
 fails); the final verdict combines the models (``all``: every model keeps it, the paper's rule; ``any``).
 
 Structure (so that a Lightning predict loop can drive it later for several devices): ``ScoreDataset`` /
@@ -103,7 +103,7 @@ def resolve_checkpoints(
     for name, path in chosen.items():
         if not path.is_file():
             raise FileNotFoundError(
-                f"checkpoint of model {name} not found: {path}. Pass --models A.pt B.pt, set models.{name}."
+                f"checkpoint of model {name} not found: {path}. Pass --models A.pt,B.pt, set models.{name}."
                 f"checkpoint in {where}, or train the defaults (checkpoints/prf_model_a.pt, prf_model_b.pt)"
             )
     return chosen
@@ -134,32 +134,46 @@ def _image_pixels(keypoints_crop: Tensor, affines: Tensor) -> Tensor:
     return torch.linalg.solve(linear[:, None], (keypoints_crop - offset[:, None])[..., None])[..., 0]
 
 
-def _model_metrics(model: ScoringModel, batch: dict[str, Any], ok: Tensor, amp: bool) -> dict[str, Tensor]:
-    """Metrics (B_ok,) and image-pixel keypoints (B_ok, K, 2) of one model on the batch's scorable rows."""
-    predictor = model.predictor
-    device = predictor.device
+def _device_batch(batch: dict[str, Any], ok: Tensor, device: torch.device) -> dict[str, Any]:
+    """The scorable rows (``ok``, (B,) bool) of a collated batch on ``device``: crops float32, geometry
+    float64 (float32 on devices without float64)."""
     dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
-    crops = batch["crops"][model.crop_index][ok].to(device, non_blocking=True)
-    net = _AutocastNet(predictor.net) if amp and device.type == "cuda" else predictor.net
+    every = bool(ok.all())
+    index = ok.to(device)
+
+    def move(x: Tensor, to: torch.dtype) -> Tensor:
+        x = x.to(device, to, non_blocking=True)
+        return x if every else x[index]
+
+    keys = ("keypoints_2d", "keypoints_3d", "bbox", "mask_area")
+    return {
+        "crops": [move(c, torch.float32) for c in batch["crops"]],
+        "affines": [move(a, dtype) for a in batch["affines"]],
+        **{key: move(batch[key], dtype) for key in keys},
+        "dtype": dtype,
+    }
+
+
+def _model_metrics(model: ScoringModel, rows: dict[str, Any], amp: bool) -> dict[str, Tensor]:
+    """Metrics (B_ok,) and image-pixel keypoints (B_ok, K, 2) of one model on ``_device_batch`` rows."""
+    predictor, dtype = model.predictor, rows["dtype"]
+    net = _AutocastNet(predictor.net) if amp and predictor.device.type == "cuda" else predictor.net
     with torch.inference_mode():
-        pred = run_regressor(net, predictor.body, crops)
-        affines = batch["affines"][model.crop_index][ok].to(device, dtype)
-        pred2d = _image_pixels(from_normalised(pred["keypoints_2d"].to(dtype), predictor.input_size), affines)
-        target2d = batch["keypoints_2d"][ok].to(device, dtype)
-        visible = target2d[:, :, 2] > 0
+        pred = run_regressor(net, predictor.body, rows["crops"][model.crop_index])
+        crop2d = from_normalised(pred["keypoints_2d"].to(dtype), predictor.input_size)
+        pred2d = _image_pixels(crop2d, rows["affines"][model.crop_index])
+        target2d, visible = rows["keypoints_2d"][:, :, :2], rows["keypoints_2d"][:, :, 2] > 0
         pred3d = pred["keypoints_3d"].to(dtype) * 1000.0
-        target3d = batch["keypoints_3d"][ok].to(device, dtype) * 1000.0
-        bbox = batch["bbox"][ok].to(device, dtype)
-        area = batch["mask_area"][ok].to(device, dtype)
-        area = torch.where(torch.isnan(area), bbox[:, 2] * bbox[:, 3], area)
-        size = metrics.mask_area_normalizer(area)
+        target3d = rows["keypoints_3d"] * 1000.0
+        bbox, area = rows["bbox"], rows["mask_area"]
+        size = metrics.mask_area_normalizer(torch.where(torch.isnan(area), bbox[:, 2] * bbox[:, 3], area))
         settings = model.thresholds.pck_settings
         norm = size if settings.normalization == "mask_area" else metrics.bbox_normalizer(bbox)
         return {
             "pa_mpjpe": metrics.pa_mpjpe(pred3d, target3d),
             "s_mpjpe": metrics.s_mpjpe(pred3d, target3d),
-            "pck": 100.0 * metrics.pck(pred2d, target2d[:, :, :2], visible, settings.alpha, norm),
-            "max_kp_error": metrics.max_keypoint_error(pred2d, target2d[:, :, :2], visible) / size,
+            "pck": 100.0 * metrics.pck(pred2d, target2d, visible, settings.alpha, norm),
+            "max_kp_error": metrics.max_keypoint_error(pred2d, target2d, visible) / size,
             "keypoints_2d": pred2d,
         }
 
@@ -179,10 +193,13 @@ def score_batch(
     ok_rows = ok.nonzero().flatten().tolist()
     position = {row: k for k, row in enumerate(ok_rows)}
     values: dict[str, dict[str, list]] = {}
-    if ok_rows:
-        for model in models:
-            result = _model_metrics(model, batch, ok, amp)
-            values[model.name] = {key: value.cpu().tolist() for key, value in result.items()}
+    on_device: dict[torch.device, dict[str, Any]] = {}
+    for model in models if ok_rows else []:
+        device = model.predictor.device
+        if device not in on_device:
+            on_device[device] = _device_batch(batch, ok, device)
+        result = _model_metrics(model, on_device[device], amp)
+        values[model.name] = {key: value.cpu().tolist() for key, value in result.items()}
     targets = batch["keypoints_2d"].to(torch.float32).reshape(n, -1).tolist()
     rows = []
     for i in range(n):

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -68,7 +67,13 @@ def _mask_area(ref: SampleRef, annotation: Annotation, shape: tuple[int, int]) -
     path = mask_path_of(ref, annotation)
     if path is None:
         return math.nan
-    mask = read_label_png(path)
+    try:
+        mask = read_label_png(path)
+    except ImageReadError as err:
+        raise ImageReadError(
+            path,
+            f"{err.problem} (the mask named by the annotation's mask_path; drop mask_path to score without)",
+        ) from None
     if mask.shape != shape:
         raise ValueError(
             f"{path}: mask is {mask.shape[1]} x {mask.shape[0]} px but the image is {shape[1]} x {shape[0]}"
@@ -185,6 +190,9 @@ def collate_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def worker_init(_worker_id: int) -> None:
-    """One thread per DataLoader worker (the workers already run in parallel)."""
+    """One torch thread per DataLoader worker (the workers already run in parallel).
+
+    OpenCV's thread count is left alone: ``cv2.setNumThreads`` in a forked worker can deadlock on the
+    thread pool the parent process left behind.
+    """
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)

@@ -182,21 +182,24 @@ def merge(out: Path, sources: Sequence[Path], schema: pa.Schema, provenance: dic
     tmp = out.with_name(f".{out.name}.merge.tmp")
     seen: set[str] = set()
     pending: list[pa.Table] = []
-    written = 0
+    pending_rows = written = 0
     try:
         with pq.ParquetWriter(tmp, schema.with_metadata(metadata)) as writer:
             for source in sources:
                 for batch in pq.ParquetFile(source).iter_batches(batch_size=MERGE_ROWS):
                     table = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
-                    ids = table.column("image_id").to_pylist()
-                    fresh = [i not in seen and not seen.add(i) for i in ids]
+                    fresh = []
+                    for image_id in table.column("image_id").to_pylist():
+                        fresh.append(image_id not in seen)
+                        seen.add(image_id)
                     table = table.filter(pa.array(fresh, pa.bool_()))
                     pending.append(table)
-                    if sum(t.num_rows for t in pending) >= MERGE_ROWS:
+                    pending_rows += table.num_rows
+                    if pending_rows >= MERGE_ROWS:
                         merged = pa.concat_tables(pending)
                         writer.write_table(merged, row_group_size=MERGE_ROWS)
                         written += merged.num_rows
-                        pending = []
+                        pending, pending_rows = [], 0
             if pending:
                 merged = pa.concat_tables(pending)
                 writer.write_table(merged, row_group_size=MERGE_ROWS)

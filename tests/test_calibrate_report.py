@@ -89,10 +89,24 @@ def test_calibrate_separates_a_labelled_table(tmp_path: Path) -> None:
     a, b = result.config.models["A"], result.config.models["B"]
     assert 80.0 <= a.pa_mpjpe_max < 90.0 and 94.0 <= b.pck.min <= 96.0  # between the two classes
     assert a.checkpoint == "ckpt/a.pt" and b.pck.normalization == "bbox" and b.pck.alpha == 0.1
+    assert a.s_mpjpe_max is None and a.pck is None and b.pa_mpjpe_max is None  # no help: left off
     table = pq.read_table(scores).to_pandas().iloc[: len(failure)]
     assert (apply_thresholds(tmp_path / "th.yaml", table) == ~failure).all()  # the file does what it says
     assert "prf calibrate" in (tmp_path / "th.yaml").read_text()
     assert result.plot == tmp_path / "th.roc.png" and cv2.imread(str(result.plot)) is not None
+
+
+def test_a_model_whose_metrics_do_not_help_keeps_one_loose_threshold(tmp_path: Path) -> None:
+    scores = tmp_path / "scores.parquet"
+    failure = synthetic_scores(scores)
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame(
+        {"image_id": [f"im{i:04d}" for i in range(len(failure))], "keep": (~failure).astype(int)}
+    ).to_csv(labels, index=False)
+    result = calibrate(scores, labels, out=tmp_path / "th.yaml", metrics=["pa_mpjpe"])
+    b_values = pq.read_table(scores, columns=["B_pa_mpjpe"]).column(0).to_numpy()
+    assert result.config.models["B"].pa_mpjpe_max >= b_values.max()  # B (noise here) rejects nothing
+    assert 80.0 <= result.config.models["A"].pa_mpjpe_max < 90.0
 
 
 def test_calibrate_target_precision_keeps_more_and_reaches_the_target(tmp_path: Path) -> None:

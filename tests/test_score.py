@@ -125,6 +125,46 @@ def test_final_verdict_is_intersection_of_model_verdicts_and_union_with_any(env:
             assert ("B: s_mpjpe" in row["reason"]) == (not row["B_keep"])
 
 
+def test_an_exact_prediction_scores_perfectly_and_one_moved_leg_is_caught(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole coordinate chain (crop affine, crop pixels, back to image pixels, normalisers) checked
+    with an oracle regressor that returns the annotation itself, then with one leg moved in 2D."""
+    thresholds = load_thresholds(env.loose)
+    models, specs = load_models(thresholds, {"A": env.a, "B": env.b}, torch.device("cpu"), None)
+    batch = collate_items([load_item(ref, specs, 35) for ref in list(iter_samples(env.batch))[:4]])
+    target = batch["keypoints_2d"][:, :, :2].numpy()
+    size = np.sqrt(batch["mask_area"].numpy())[:, None]
+    moved = {}
+
+    def oracle(net, body, crops):
+        k = [spec.size for spec in specs].index(crops.shape[-1])
+        image = target.copy()
+        for index, offset in moved.items():
+            image[:, index, 0] += offset * size[:, 0]
+        crop = np.einsum("bij,bnj->bni", batch["affines"][k][:, :, :2].numpy(), image)
+        crop += batch["affines"][k][:, None, :, 2].numpy()
+        normalised = (crop + 0.5) * 2.0 / crops.shape[-1] - 1.0
+        return {"keypoints_3d": batch["keypoints_3d"].float(), "keypoints_2d": torch.as_tensor(normalised)}
+
+    monkeypatch.setattr(score_module, "run_regressor", oracle)
+    for row, kp in zip(score_batch(models, batch, "all"), target, strict=True):
+        assert row["A_pa_mpjpe"] < 1e-3 and row["A_s_mpjpe"] < 1e-3 and row["A_pck"] == 100.0
+        assert row["B_pck"] == 100.0 and row["A_max_kp_error"] < 1e-6
+        np.testing.assert_allclose(np.reshape(row["A_keypoints_2d"], (26, 2)), kp, atol=1e-3)
+        np.testing.assert_allclose(np.reshape(row["B_keypoints_2d"], (26, 2)), kp, atol=1e-3)
+    moved.update({3: 0.3, 14: 0.3, 8: 0.3})  # the left front leg: paw, wrist, elbow, 0.3 sqrt(A) sideways
+    visible = batch["keypoints_2d"][:, :, 2].numpy() > 0
+    strict = ModelThresholds(pa_mpjpe_max=108.06, s_mpjpe_max=499.99, pck={"min": 95.83})
+    models[0].thresholds = models[1].thresholds = strict
+    for row, vis in zip(score_batch(models, batch, "all"), visible, strict=True):
+        assert row["A_pck"] == pytest.approx(100.0 * (vis.sum() - vis[[3, 14, 8]].sum()) / vis.sum())
+        assert row["A_max_kp_error"] == pytest.approx(0.3 if vis[[3, 14, 8]].any() else 0.0, abs=1e-4)
+        assert row["A_pa_mpjpe"] < 1e-3  # the 3D keypoints were not moved: only PCK / max error see it
+        if vis[[3, 14, 8]].sum() >= 2:
+            assert not row["keep"] and "A: pck" in row["reason"]
+
+
 def test_corrupt_image_and_broken_annotations_become_error_rows(env: Env, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(env.batch, bad)
@@ -136,21 +176,23 @@ def test_corrupt_image_and_broken_annotations_become_error_rows(env: Env, tmp_pa
     data["keypoint_3d"] = data["keypoint_3d"][:20]  # wrong length
     annotation.write_text(json.dumps(data))
     (bad / "annotations" / "00000004.json").write_text('{"bbox": [1, 2, NaN, 4]')  # malformed JSON
+    (bad / "masks" / "00000005.png").unlink()  # the mask the annotation names is gone
     summary = run(env, tmp_path / "out" / "scores.parquet", bad)
     table = pd.read_parquet(tmp_path / "out" / "scores.parquet").set_index("image_id")
     errors = table[table["status"] == "error"]
-    assert sorted(errors.index) == ["00000001", "00000002", "00000003", "00000004"]
+    assert sorted(errors.index) == ["00000001", "00000002", "00000003", "00000004", "00000005"]
     assert "00000001.png: truncated or corrupt" in errors.loc["00000001", "reason"]
     assert "00000002.png: the file is empty" in errors.loc["00000002", "reason"]
     assert "00000003.json: field 'keypoint_3d'" in errors.loc["00000003", "reason"]
     assert "00000004.json" in errors.loc["00000004", "reason"]
+    assert "00000005.png: file not found (the mask named by" in errors.loc["00000005", "reason"]
     assert errors[["A_pa_mpjpe", "B_pck"]].isna().all().all() and not errors["keep"].any()
     ok = table[table["status"] == "ok"]
     assert (
-        len(ok) == 4 and np.isfinite(ok[["A_pa_mpjpe", "A_s_mpjpe", "B_pck", "B_max_kp_error"]]).all().all()
+        len(ok) == 3 and np.isfinite(ok[["A_pa_mpjpe", "A_s_mpjpe", "B_pck", "B_max_kp_error"]]).all().all()
     )
     assert ok["keep"].all()  # loose thresholds
-    assert (summary.total, summary.kept, summary.rejected, summary.errored) == (8, 4, 0, 4)
+    assert (summary.total, summary.kept, summary.rejected, summary.errored) == (8, 3, 0, 5)
     keep = (tmp_path / "out" / "keep.txt").read_text().split()
     reject = (tmp_path / "out" / "reject.txt").read_text().split()
     assert sorted(keep) == sorted(ok["image"]) and sorted(reject) == sorted(errors["image"])
@@ -206,7 +248,8 @@ def test_killed_and_rerun_gives_the_uninterrupted_table(
 
 def test_scoring_an_animal3d_json_matches_the_batch(env: Env, tmp_path: Path) -> None:
     from_batch = run(env, tmp_path / "b" / "s.parquet", limit=3).out
-    from_json = run(env, tmp_path / "j" / "s.parquet", env.animal3d, limit=3).out
+    # Two DataLoader workers, forked after this process already ran OpenCV and torch (a deadlock once).
+    from_json = run(env, tmp_path / "j" / "s.parquet", env.animal3d, limit=3, workers=2).out
     a, b = pd.read_parquet(from_batch), pd.read_parquet(from_json)
     assert list(a["image_id"]) == list(b["image_id"]) and list(a["image"]) == list(b["image"])
     columns = ["A_pa_mpjpe", "A_s_mpjpe", "A_pck", "B_pck", "B_max_kp_error", "mask_area"]

@@ -44,7 +44,14 @@ def _config(root: Path, arch: str, **trainer: object) -> Path:
             "head": TINY_HEADS[arch],
         },
         "augment": {"rotation_deg": 20.0},
-        "trainer": {"accelerator": "cpu", "devices": 1, "progress_bar": False, "num_threads": 1, **trainer},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "progress_bar": False,
+            "num_threads": 1,
+            "log_every_n_steps": 1,
+            **trainer,
+        },
     }
     path = root / f"config-{arch}-{len(trainer)}.yaml"
     path.write_text(yaml.safe_dump(config))

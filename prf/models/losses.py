@@ -28,6 +28,7 @@ class LossConfig(BaseModel):
     keypoints_2d: float = Field(2.0, ge=0.0)
     keypoints_3d: float = Field(1.0, ge=0.0)
     pose: float = Field(1.0, ge=0.0)
+    global_orient: float = Field(1.0, ge=0.0)
     betas: float = Field(0.1, ge=0.0)
     parts: float = Field(0.1, ge=0.0)
     cam_prior: float = Field(1.0, ge=0.0)
@@ -56,6 +57,12 @@ def pose_loss(pred: Tensor, target: Tensor, has_3d: Tensor) -> Tensor:
     """MSE of rotation matrices (global orientation included): (B, J, 3, 3) each; has_3d (B,) -> ()."""
     per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
     return _masked_mean(per_sample, has_3d)
+
+
+def global_orient_loss(pred: Tensor, target: Tensor, has_3d: Tensor) -> Tensor:
+    """MSE of the global orientation alone (joint 0; ``pose_loss`` gives it 1/J of its weight):
+    (B, J, 3, 3) each; has_3d (B,) -> ()."""
+    return _masked_mean((pred[:, 0] - target[:, 0]).pow(2).mean(dim=(1, 2)), has_3d)
 
 
 def betas_loss(pred: Tensor, target: Tensor, has_3d: Tensor) -> Tensor:
@@ -134,6 +141,7 @@ class RegressorLoss(nn.Module):
             "keypoints_2d": keypoint_2d_loss(pred["keypoints_2d"], batch["kp2d"], batch["vis"]),
             "keypoints_3d": keypoint_3d_loss(pred["keypoints_3d"], batch["kp3d"], has_3d),
             "pose": pose_loss(pred["pose"], batch["pose"], has_3d),
+            "global_orient": global_orient_loss(pred["pose"], batch["pose"], has_3d),
             "betas": betas_loss(pred["betas"], batch["betas"], has_3d),
             "cam_prior": cam_prior_loss(pred["cam"]),
         }
