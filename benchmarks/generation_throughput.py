@@ -95,8 +95,10 @@ def bench_diffusion_overhead(n: int, size: int, call_seconds: float, batch: int)
             item = pipeline.prepare(pipeline.plan(k))
             image = np.zeros((size, size, 3), dtype=np.uint8)
             t1 = time.perf_counter()
-            writer.write_image(item.plan.image_id, image, item.mask, item.request.condition, item.annotation, {
-                **item.record, "backend": "simulated"})  # fmt: skip
+            record = {**item.record, "backend": "simulated"}
+            writer.write_image(
+                item.plan.image_id, image, item.mask, item.request.condition, item.annotation, record
+            )
             write_s += time.perf_counter() - t1
             prepare_s += t1 - t0
         # the real pipeline loop: what is left exposed outside the diffusion call

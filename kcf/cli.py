@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from kcf.run import KCFResult
 
-DEFAULT_OUT = Path("kcf_scores.parquet")
+DEFAULT_OUT = Path("kcf_scores") / "scores.parquet"
 
 
 def kcf(
@@ -35,7 +35,8 @@ def kcf(
         typer.Option("--thresholds", help="KCF thresholds YAML: ce_max (nats), geodesic_max (radians)."),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="SCORES Parquet to write (default kcf_scores.parquet).")
+        Path | None,
+        typer.Option("--out", "-o", help="SCORES Parquet to write (default kcf_scores/scores.parquet)."),
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="KCF config YAML (default: the packaged CPU config).")

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
-from torch.utils.data import DataLoader
+from pytorch_lightning.callbacks import RichProgressBar
+from torch.utils.data import DataLoader, Sampler
 
 from kcf.data import HEADS, AngleBins, KCFDataset, KCFItem
 from kcf.model import KCFModule, OptimSettings, build_pose_classifier
@@ -157,22 +157,52 @@ class FoldSpec:
     progress_bar: bool
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch): Lightning calls ``set_epoch`` before every epoch, so
+    an epoch's order is the same whether or not training was resumed from ``last.ckpt``."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def _loader(dataset: KCFDataset, batch_size: int, workers: int, shuffle: bool, seed: int) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochShuffleSampler(len(dataset), seed) if shuffle else None,
         drop_last=shuffle and len(dataset) > batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
     )
 
 
-def _trainer(spec: FoldSpec, fold_dir: Path) -> pl.Trainer:
-    callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=fold_dir, filename="epoch{epoch:04d}", save_last=True, save_top_k=0)
-    ]
+class SaveLastCheckpoint(pl.Callback):
+    """Write the Lightning checkpoint to ``path`` at the end of every training epoch, atomically (a kill
+    during the write leaves the previous one)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, self.path)
+
+
+def _trainer(spec: FoldSpec, fold_dir: Path, extra: Sequence[pl.Callback] = ()) -> pl.Trainer:
+    callbacks: list[pl.Callback] = [SaveLastCheckpoint(fold_dir / "last.ckpt"), *extra]
     if spec.progress_bar:
         callbacks.append(RichProgressBar())
     return pl.Trainer(
@@ -180,6 +210,7 @@ def _trainer(spec: FoldSpec, fold_dir: Path) -> pl.Trainer:
         callbacks=callbacks,
         logger=False,
         default_root_dir=fold_dir,
+        enable_checkpointing=False,
         enable_progress_bar=spec.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -202,10 +233,15 @@ def _dataset(spec: FoldSpec, items: Sequence[KCFItem], module: KCFModule) -> KCF
 
 
 def train_fold(
-    spec: FoldSpec, fold: int, train_items: Sequence[KCFItem], store: FoldStore
+    spec: FoldSpec,
+    fold: int,
+    train_items: Sequence[KCFItem],
+    store: FoldStore,
+    callbacks: Sequence[pl.Callback] = (),
 ) -> tuple[KCFModule, float]:
     """Train fold ``fold``'s classifier on ``train_items`` (resuming from its ``last.ckpt``), save
-    ``model.pt``; returns (module, training wall seconds of this call)."""
+    ``model.pt``; returns (module, training wall seconds of this call). ``callbacks`` are added to the
+    fold's Lightning Trainer (after the one that writes ``last.ckpt``)."""
     fold_dir = store.fold_dir(fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(spec.seed + 1000 * fold, workers=True, verbose=False)
@@ -214,7 +250,7 @@ def train_fold(
     loader = _loader(dataset, spec.batch_size, spec.num_workers, True, spec.seed + fold)
     last = store.last_checkpoint(fold)
     started = time.perf_counter()
-    trainer = _trainer(spec, fold_dir)
+    trainer = _trainer(spec, fold_dir, callbacks)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=last if last.is_file() else None)
     seconds = time.perf_counter() - started
     torch.save(

@@ -25,7 +25,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytorch_lightning as pl
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -232,6 +233,7 @@ def run_kcf(
     restart: bool = False,
     only_folds: list[int] | None = None,
     on_fold_done: Callable[[int], None] | None = None,
+    callbacks: Sequence[pl.Callback] = (),
 ) -> KCFResult | None:
     """Run (or resume) KCF on ``source`` and write SCORES to ``out`` (module docstring).
 
@@ -246,6 +248,7 @@ def run_kcf(
         only_folds: train and score only these folds (to spread folds over machines); the SCORES file is
             written once every fold is done, else None is returned.
         on_fold_done: called with the fold index after each fold is saved (progress hooks, tests).
+        callbacks: extra Lightning callbacks for every fold's training (loggers, tests).
     """
     started = time.perf_counter()
     cfg = config or load_config()
@@ -279,7 +282,7 @@ def run_kcf(
         if store.model_path(fold).is_file():
             module, train_s = load_fold_module(spec, store, fold), store.train_seconds(fold)
         else:
-            module, train_s = train_fold(spec, fold, train_items, store)
+            module, train_s = train_fold(spec, fold, train_items, store, callbacks)
         frame, score_s = score_fold(spec, fold, module, held_out, store)
         info.update(
             train_seconds=train_s, score_seconds=score_s, model_sha256=sha256_file(store.model_path(fold))

@@ -149,7 +149,13 @@ class Predictor:
             chunk = crops[start : start + batch_size].to(self.device, torch.float32)
             cams = crop_cameras[start : start + batch_size].to(self.device) if use_cameras else None
             out = run_regressor(self.net, self.body, chunk, cams)
-            parts.append({k: v.cpu() for k, v in out.items() if v is not None and k != "part_logits"})
+            parts.append(
+                {
+                    k: v.cpu()
+                    for k, v in out.items()
+                    if v is not None and k not in ("part_logits", "attention")
+                }
+            )
         if not parts:
             raise ValueError("predict() got an empty batch of crops")
         merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -126,9 +126,15 @@ def test_tiny_diffusers_pipeline_writes_a_valid_batch(tmp_path: Path) -> None:
 
     tiny = build_tiny_diffusers(tmp_path / "weights")
     out = tmp_path / "diffusion"
-    options = {"base_model": str(tiny.base), "controlnet_model": str(tiny.controlnet), "num_inference_steps": 2}
+    options = {
+        "base_model": str(tiny.base),
+        "controlnet_model": str(tiny.controlnet),
+        "num_inference_steps": 2,
+    }
     counts = run_generate(
-        out, {"n": 3, "seed": 1, "image_size": 80, "backend": "diffusers", "backend_options": options}, quiet=True
+        out,
+        {"n": 3, "seed": 1, "image_size": 80, "backend": "diffusers", "backend_options": options},
+        quiet=True,
     )
     assert counts["made"] == 3
     reader = BatchReader(out)

@@ -15,12 +15,13 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 
 from kcf.cli import kcf as kcf_command
 from kcf.data import AngleBins, collect_items, rigid_angles
-from kcf.folds import FoldStore, assign_folds, load_fold_module
+from kcf.folds import FoldStore, assign_folds, load_fold_module, score_fold
 from kcf.run import SCORES_COLUMNS, fold_spec, load_config, load_thresholds, run_kcf
 from kcf.threedst import read_threedst_annotation
 from prf.body.pickle_io import ForbiddenPickleClass
@@ -216,6 +217,24 @@ def test_command_fails_before_any_work(batch: Path, tmp_path: Path) -> None:
     assert not out.exists() and not (tmp_path / "scores.kcf").exists()
 
 
+def test_command_runs_through_typer(batch: Path, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command("kcf")(kcf_command)
+    app.command("other")(lambda: None)  # two commands: the app dispatches on "kcf"
+    sets = [f"--set={key}={value}" for key, value in TINY.items() if key != "folds"]
+    out = tmp_path / "run" / "scores.parquet"
+    result = CliRunner().invoke(app, ["kcf", str(batch), "--folds", "2", "--out", str(out), "--quiet", *sets])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and (out.parent / "keep.txt").is_file() and (out.parent / "reject.txt").is_file()
+    assert "training time" in result.output
+    help_text = CliRunner().invoke(app, ["kcf", "--help"]).output
+    for flag in ("--folds", "--thresholds", "--out", "--config", "--fold", "--restart"):
+        assert flag in help_text
+
+
 # ---- the fold driver and SCORES --------------------------------------------------------------------------
 
 
@@ -352,13 +371,45 @@ def test_flipped_images_score_worse_than_faithful_ones(tmp_path: Path) -> None:
     assert geodesic[is_flipped].mean() > geodesic[~is_flipped].mean() + 0.3
 
 
-def test_fold_scores_do_not_depend_on_batch_composition(full_run) -> None:
-    """Eval-mode scoring: an image's score is the same whether scored alone or with others."""
-    spec = fold_spec(load_config(overrides=TINY))
+def test_fold_scores_do_not_depend_on_batch_composition(batch: Path, full_run) -> None:
+    """Eval-mode scoring: a held-out image's scores are the same scored one at a time or 64 at a time."""
+    items, _, _ = collect_items(batch)
     store = FoldStore(full_run.work_dir)
-    module = load_fold_module(spec, store, 0).eval()
-    images = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        together = module(images)
-        alone = torch.cat([module(images[i : i + 1]) for i in range(4)])
-    assert torch.allclose(together, alone, atol=1e-5)
+    one_at_a_time = fold_spec(load_config(overrides={**TINY, "score_batch_size": 1}))
+    module = load_fold_module(one_at_a_time, store, 0)
+    alone, _ = score_fold(one_at_a_time, 0, module, items, store)
+    together, _ = score_fold(fold_spec(load_config(overrides=TINY)), 0, module, items, store)
+    pd.testing.assert_frame_equal(alone, together, check_exact=False, rtol=1e-5, atol=1e-6)
+    assert len(alone) == 16 and (alone["error"] == "").all()
+
+
+class _StopTrainingError(RuntimeError):
+    pass
+
+
+class _KillAfterFirstEpoch(pl.Callback):
+    """Raises once, at the end of the first epoch (after last.ckpt is written)."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.fired:
+            self.fired = True
+            raise _StopTrainingError("simulated kill in the middle of fold 0")
+
+
+def test_resume_in_the_middle_of_a_fold(batch: Path, tmp_path: Path) -> None:
+    cfg = load_config(overrides={**TINY, "trainer.max_epochs": 2})
+    out = tmp_path / "resumed" / "scores.parquet"
+    with pytest.raises(_StopTrainingError):
+        run_kcf(batch, out, cfg, callbacks=[_KillAfterFirstEpoch()])
+    store = FoldStore(tmp_path / "resumed" / "scores.kcf")
+    checkpoint = torch.load(store.last_checkpoint(0), map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 0 and not store.model_path(0).exists()
+    resumed = run_kcf(batch, out, cfg)
+    assert not store.last_checkpoint(0).exists()  # removed once the fold is done
+    uninterrupted = run_kcf(batch, tmp_path / "plain" / "scores.parquet", cfg)
+    pd.testing.assert_frame_equal(
+        resumed.scores.drop(columns="image"), uninterrupted.scores.drop(columns="image"), rtol=1e-5, atol=1e-6
+    )

@@ -14,7 +14,13 @@ from prf.body.smal import SMAL
 from prf.checkpoint import LayoutMismatchError
 from prf.geometry import axis_angle_to_matrix, project_weak_perspective
 from prf.models.heads import build_regressor_net
-from prf.models.losses import LossConfig, part_membership, part_segmentation_loss
+from prf.models.losses import (
+    LossConfig,
+    fit_weak_camera,
+    joint_attention_loss,
+    part_membership,
+    part_segmentation_loss,
+)
 from prf.models.regressor import (
     LAYOUT_KEY,
     OptimConfig,
@@ -97,6 +103,21 @@ def test_part_loss_rewards_the_right_parts(smal: SMAL) -> None:
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     # Samples without part labels do not count.
     assert part_segmentation_loss(logits, labels, torch.zeros(2), member) == 0
+
+
+def test_weak_camera_fit_and_joint_attention_loss(smal: SMAL) -> None:
+    batch = _batch(smal)
+    s, u, ok = fit_weak_camera(batch["kp3d"], batch["kp2d"], batch["vis"])
+    assert ok.all() and torch.allclose(s, torch.full((3,), 1.2), atol=1e-4)
+    assert torch.allclose(u, torch.tensor([[1.2 * 0.05, 1.2 * -0.02]]).expand(3, 2), atol=1e-4)
+    # Attention peaked on one cell per joint: its centre is that cell's centre.
+    attention = torch.zeros(3, smal.num_joints, 8, 8)
+    attention[:, :, 2, 5] = 1.0
+    centre = torch.tensor([(5 + 0.5) / 4 - 1, (2 + 0.5) / 4 - 1])
+    on_target = centre.expand(3, smal.num_joints, 2)
+    assert joint_attention_loss(attention, on_target, torch.ones(3)) < 1e-6
+    assert joint_attention_loss(attention, on_target + 0.1, torch.ones(3)) == pytest.approx(0.1, abs=1e-5)
+    assert joint_attention_loss(attention, on_target + 0.1, torch.zeros(3)) == 0
 
 
 def test_perspective_projection_reduces_to_weak_perspective_far_away() -> None:

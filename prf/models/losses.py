@@ -31,6 +31,7 @@ class LossConfig(BaseModel):
     global_orient: float = Field(1.0, ge=0.0)
     betas: float = Field(0.1, ge=0.0)
     parts: float = Field(0.1, ge=0.0)
+    joint_attention: float = Field(1.0, ge=0.0)
     cam_prior: float = Field(1.0, ge=0.0)
 
 
@@ -119,11 +120,51 @@ def part_segmentation_loss(
     return F.cross_entropy(fine, labels, ignore_index=IGNORE)
 
 
+def fit_weak_camera(
+    points: Tensor, keypoints_2d: Tensor, visibility: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Least-squares weak-perspective fit ``n ~ s X_xy + u`` over the visible keypoints.
+
+    Args:
+        points: (B, K, 3) camera-aligned 3D keypoints; keypoints_2d: (B, K, 2) normalised; visibility (B, K).
+    Returns:
+        s (B,), u (B, 2) and ok (B,) bool (at least 3 visible keypoints and s > 0).
+    """
+    w = (visibility > 0).to(points.dtype)[..., None]  # (B, K, 1)
+    count = w.sum(dim=1).clamp_min(1.0)  # (B, 1)
+    mean_x = (w * points[..., :2]).sum(dim=1) / count  # (B, 2)
+    mean_n = (w * keypoints_2d).sum(dim=1) / count
+    dx = points[..., :2] - mean_x[:, None]
+    dn = keypoints_2d - mean_n[:, None]
+    var = (w * dx.pow(2)).sum(dim=(1, 2))
+    s = (w * dx * dn).sum(dim=(1, 2)) / var.clamp_min(1e-8)
+    ok = (count[:, 0] >= 3) & (var > 1e-8) & (s > 0)
+    return s, mean_n - s[:, None] * mean_x, ok
+
+
+def joint_attention_loss(attention: Tensor, joints_2d: Tensor, weight: Tensor) -> Tensor:
+    """L1 between each joint's attention centre (expected cell position, normalised coordinates) and the
+    joint's 2D target: PARE's 2D supervision of the part attention, which makes the per-joint features
+    local early in training.
+
+    Args:
+        attention: (B, J, h, w) spatial softmax per joint; joints_2d: (B, J, 2) normalised; weight (B,).
+    """
+    h, w = attention.shape[-2:]
+    xs = (torch.arange(w, device=attention.device, dtype=attention.dtype) + 0.5) * (2.0 / w) - 1.0
+    ys = (torch.arange(h, device=attention.device, dtype=attention.dtype) + 0.5) * (2.0 / h) - 1.0
+    centre = torch.stack(
+        [(attention.sum(dim=2) * xs).sum(dim=-1), (attention.sum(dim=3) * ys).sum(dim=-1)], -1
+    )
+    return _masked_mean((centre - joints_2d).abs().mean(dim=(1, 2)), weight)
+
+
 class RegressorLoss(nn.Module):
     """Weighted sum of the terms above.
 
     ``forward(pred, batch)`` takes the regressor's outputs (``pose``, ``betas``, ``cam``, ``part_logits``,
-    ``keypoints_3d``, ``keypoints_2d``) and a data batch (``prf.data.datamodule`` item keys) and returns
+    ``attention``, ``keypoints_3d``, ``keypoints_2d``) and a data batch (``prf.data.datamodule`` item keys,
+    plus ``joints_2d`` (B, J, 2) / ``joints_2d_ok`` (B,) for the attention term) and returns
     (total, {term: value}) with unweighted term values (detached) for logging.
     """
 
@@ -145,6 +186,10 @@ class RegressorLoss(nn.Module):
             "betas": betas_loss(pred["betas"], batch["betas"], has_3d),
             "cam_prior": cam_prior_loss(pred["cam"]),
         }
+        if pred.get("attention") is not None and "joints_2d" in batch and c.joint_attention > 0:
+            terms["joint_attention"] = joint_attention_loss(
+                pred["attention"], batch["joints_2d"], batch["joints_2d_ok"] * has_3d
+            )
         if pred.get("part_logits") is not None and c.parts > 0:
             terms["parts"] = part_segmentation_loss(
                 pred["part_logits"], batch["part_mask"], batch["has_parts"], self.membership

@@ -30,7 +30,7 @@ from prf.body.smal import SMAL
 from prf.checkpoint import check_layout
 from prf.data.transforms import from_normalised
 from prf.geometry import pixels_to_normalized, project_weak_perspective
-from prf.models.losses import LossConfig, RegressorLoss
+from prf.models.losses import LossConfig, RegressorLoss, fit_weak_camera
 
 LAYOUT_KEY = "prf_smal_layout"
 VAL_METRICS = ("pa_mpjpe", "s_mpjpe", "pck_0.1", "pck_0.15")
@@ -125,7 +125,8 @@ def run_regressor(
     """Net + SMAL in the loop: (B, 3, S, S) normalised crops (+ optional (B, 3) crop cameras) -> predictions.
 
     Returns a dict: ``pose`` (B, J, 3, 3), ``betas`` (B, NB), ``cam`` (B, 3) [s, tx, ty], ``part_logits``
-    (B, P, h, w) or None, ``keypoints_3d`` (B, K, 3) metres root-relative camera-aligned, ``keypoints_2d``
+    (B, P, h, w) or None, ``attention`` (B, J, h, w) or None, ``keypoints_3d`` (B, K, 3) metres root-relative
+    camera-aligned, ``keypoints_2d``
     (B, K, 2) normalised crop coordinates (``project_keypoints``).
     """
     out = net(images)
@@ -136,6 +137,7 @@ def run_regressor(
         "betas": out.betas,
         "cam": out.cam,
         "part_logits": out.part_logits,
+        "attention": out.attention,
         "keypoints_3d": keypoints_3d,
         "keypoints_2d": project_keypoints(keypoints_3d, out.cam, images.shape[-1], crop_cam),
     }
@@ -222,6 +224,8 @@ class RegressorModule(pl.LightningModule):
 
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         pred = self(batch["image"], batch.get("crop_cam"))
+        if pred["attention"] is not None and self.loss_config.joint_attention > 0:
+            batch = {**batch, **self.joint_targets(batch)}
         total, terms = self.criterion(pred, batch)
         size = batch["image"].shape[0]
         on_step = stage == "train"
@@ -239,6 +243,17 @@ class RegressorModule(pl.LightningModule):
                 self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "pck_0.15")
         return total
 
+    @torch.no_grad()
+    def joint_targets(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """2D joint targets for the attention loss: SMAL posed with the target pose and betas, projected with
+        the weak-perspective camera fitted to the visible 2D keypoints. Returns ``joints_2d`` (B, J, 2)
+        normalised and ``joints_2d_ok`` (B,) float."""
+        posed = self.body(betas=batch["betas"], pose=batch["pose"])
+        root = posed.joints[:, :1]
+        s, u, ok = fit_weak_camera(posed.keypoints - root, batch["kp2d"], batch["vis"])
+        joints_2d = s[:, None, None] * (posed.joints - root)[..., :2] + u[:, None]
+        return {"joints_2d": joints_2d, "joints_2d_ok": ok.to(joints_2d.dtype)}
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
 
@@ -253,7 +268,11 @@ class RegressorModule(pl.LightningModule):
         predictions (no part logits), with ``keypoints_2d_crop`` (B, K, 2) in crop pixels added."""
         images = batch["image"] if isinstance(batch, dict) else batch
         pred = self(images, batch.get("crop_cam") if isinstance(batch, dict) else None)
-        out = {k: v.detach().cpu() for k, v in pred.items() if v is not None and k != "part_logits"}
+        out = {
+            k: v.detach().cpu()
+            for k, v in pred.items()
+            if v is not None and k not in ("part_logits", "attention")
+        }
         out["keypoints_2d_crop"] = from_normalised(out["keypoints_2d"], self.input_size)
         return out
 
