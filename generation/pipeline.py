@@ -181,8 +181,7 @@ class GenerationPipeline:
         cfg = self.config
         rng = np.random.default_rng([plan.seed, 1])
         intended = self.pose_mesh(plan.pose, plan.betas, None)
-        lo, hi = intended.vertices.min(axis=0), intended.vertices.max(axis=0)
-        target = torch.as_tensor((lo + hi) / 2.0)[None]
+        target = torch.as_tensor(bbox_centre(intended.vertices))[None]
         vp = plan.viewpoint
         angles = (vp["azimuth"], vp["elevation"], vp["theta"], vp["distance"])
         R, t = look_at(*(torch.tensor([v], dtype=torch.float64) for v in angles), target=target)
@@ -199,6 +198,8 @@ class GenerationPipeline:
         if plan.failure != "none":
             state = inject_failure(plan.failure, plan.pose, plan.betas, self.joint_names, plan.severity, rng)
             image_mesh = self.pose_mesh(state.pose, state.betas, state.leg_scale)
+            if plan.failure == "orientation_flip":
+                image_mesh = recentre_horizontally(image_mesh, intended)
             shown = self._render(image_mesh, K, R, t, light, state.hidden_part)
             effect = failure_effect(truth, shown, state.hidden_part)
 
@@ -289,6 +290,21 @@ class GenerationPipeline:
                     if on_image is not None:
                         on_image(record)
         return {"made": made, "skipped": skipped}
+
+
+def bbox_centre(vertices: np.ndarray) -> np.ndarray:
+    """(3,) centre of the axis-aligned bounding box of (V, 3) points."""
+    return (vertices.min(axis=0) + vertices.max(axis=0)) / 2.0
+
+
+def recentre_horizontally(mesh: PosedMesh, reference: PosedMesh) -> PosedMesh:
+    """Shift a mesh in x and y so its bounding-box centre matches the reference's.
+
+    The global orientation turns the body about its root joint, not about the centre the camera looks at;
+    without this a turned animal would also slide sideways in the frame, a cue unrelated to orientation.
+    """
+    shift = (bbox_centre(reference.vertices) - bbox_centre(mesh.vertices)) * np.array([1.0, 1.0, 0.0])
+    return PosedMesh(mesh.vertices + shift, mesh.joints + shift, mesh.keypoints + shift)
 
 
 def to_annotation_frame(image: np.ndarray, size: int) -> np.ndarray:

@@ -71,12 +71,16 @@ def kcf(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Run KCF: train a binned pose classifier on K-1 folds, score the held-out fold, threshold the loss."""
+    import logging
+
     import yaml
     from rich.console import Console
 
     from kcf.run import load_config, load_thresholds, run_kcf
 
     console = Console(stderr=True)
+    # Lightning's per-Trainer notices (accelerator, tips, "max_epochs reached") would repeat twice per fold.
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     if not input.exists():
         raise FileNotFoundError(f"input {input} does not exist")
     overrides: dict[str, object] = {}

@@ -47,13 +47,15 @@ GLOBAL_ORIENT_EPS = 1e-6  # radians; a smaller global orientation counts as zero
 
 class DataSettings(BaseModel):
     """Input crop: ``bbox`` (square box ``crop_scale * max(w, h)`` around the annotation's bbox) or
-    ``full`` (the whole image resized, as 3D-DST does); DataLoader workers; ``dst_images``: the 3D-DST
-    generated-image folder name (None = detect it)."""
+    ``full`` (the whole image resized, as 3D-DST does); DataLoader workers; ``cache``: keep every cropped
+    input in memory for the whole run (N * S * S * 3 bytes); ``dst_images``: the 3D-DST generated-image
+    folder name (None = detect it)."""
 
     model_config = ConfigDict(extra="forbid")
     crop: Literal["bbox", "full"] = "bbox"
     crop_scale: float = Field(1.25, gt=0.0)
     num_workers: int = Field(0, ge=0)
+    cache: bool = True
     dst_images: str | None = None
 
 
@@ -216,35 +218,31 @@ def collect_items(
     return items, errors, kind
 
 
-def prepare_image(
-    image: np.ndarray,
-    bbox: Sequence[float] | None,
-    size: int,
-    crop: str,
-    crop_scale: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, S, S) float32 normalised input.
+def crop_pixels(
+    image: np.ndarray, bbox: Sequence[float] | None, size: int, crop: str, crop_scale: float
+) -> np.ndarray:
+    """(H, W, 3) uint8 -> (S, S, 3) uint8 classifier input.
 
     ``crop="bbox"`` cuts the square box ``crop_scale * max(w, h)`` around the bbox (``prf.data.transforms
     .crop_image``); ``crop="full"`` (or no bbox) resizes the whole image to S x S as 3D-DST does.
     """
     if crop == "bbox" and bbox is not None:
-        pixels, _ = T.crop_image(image, list(bbox), size, crop_scale)
-    elif crop in ("bbox", "full"):
-        pixels = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    else:
-        raise ValueError(f"crop must be 'bbox' or 'full', got {crop!r}")
-    return T.normalise_image(pixels, tuple(mean), tuple(std))
+        return T.crop_image(image, list(bbox), size, crop_scale)[0]
+    if crop in ("bbox", "full"):
+        return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    raise ValueError(f"crop must be 'bbox' or 'full', got {crop!r}")
 
 
 class KCFDataset(Dataset):
     """Items for the pose classifier. An unreadable image yields zeros with ``ok`` 0 and its error text
     (training skips it; scoring turns it into an error row), so one bad file never stops a run.
 
-    Item: image (3, S, S) float32; target (3,) int64 bins; angles (3,) float64 radians; index () int64;
-    ok () bool; error str.
+    Item: image (3, S, S) float32 normalised with ``mean`` / ``std``; target (3,) int64 bins; angles (3,)
+    float64 radians; index () int64; ok () bool; error str.
+
+    ``cache``: a dict shared by the datasets of one run (all folds), image_id -> (S, S, 3) uint8 input or the
+    error text, so each image is decoded and cropped once per process instead of once per epoch and fold
+    (memory: N * S * S * 3 bytes; each DataLoader worker fills its own copy).
     """
 
     def __init__(
@@ -256,6 +254,7 @@ class KCFDataset(Dataset):
         crop_scale: float = T.DEFAULT_CROP_SCALE,
         mean: Sequence[float] = T.IMAGENET_MEAN,
         std: Sequence[float] = T.IMAGENET_STD,
+        cache: dict[str, np.ndarray | str] | None = None,
     ) -> None:
         if crop not in ("bbox", "full"):
             raise ValueError(f"crop must be 'bbox' or 'full', got {crop!r}")
@@ -264,6 +263,7 @@ class KCFDataset(Dataset):
         self.crop = crop
         self.crop_scale = crop_scale
         self.mean, self.std = tuple(mean), tuple(std)
+        self.cache = cache
         angles = np.array([item.angles for item in self.items], dtype=np.float64).reshape(-1, 3)
         self.angles = angles
         self.targets = bins.to_bins(angles) if len(self.items) else np.zeros((0, 3), dtype=np.int64)
@@ -271,22 +271,27 @@ class KCFDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        error = ""
+    def _pixels(self, item: KCFItem) -> np.ndarray | str:
+        """The (S, S, 3) uint8 input of ``item``, or the error text if its image cannot be read."""
+        if self.cache is not None and item.image_id in self.cache:
+            return self.cache[item.image_id]
         try:
-            image = prepare_image(
-                read_image_rgb(item.image_path),
-                item.bbox,
-                self.input_size,
-                self.crop,
-                self.crop_scale,
-                self.mean,
-                self.std,
+            pixels: np.ndarray | str = crop_pixels(
+                read_image_rgb(item.image_path), item.bbox, self.input_size, self.crop, self.crop_scale
             )
         except (ImageReadError, OSError, ValueError, cv2.error) as err:
+            pixels = f"image: {err}"
+        if self.cache is not None:
+            self.cache[item.image_id] = pixels
+        return pixels
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pixels = self._pixels(self.items[index])
+        error = pixels if isinstance(pixels, str) else ""
+        if error:
             image = torch.zeros(3, self.input_size, self.input_size)
-            error = f"image: {err}"
+        else:
+            image = T.normalise_image(pixels, self.mean, self.std)
         return {
             "image": image,
             "target": torch.as_tensor(self.targets[index]),

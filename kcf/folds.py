@@ -138,7 +138,8 @@ class FoldStore:
 
 @dataclass(frozen=True)
 class FoldSpec:
-    """What one fold needs to train and score (built by ``kcf.run`` from its KCFConfig)."""
+    """What one fold needs to train and score (built by ``kcf.run`` from its KCFConfig); ``cache`` is the
+    run's shared input cache (``kcf.data.KCFDataset``), or None."""
 
     seed: int
     bins: AngleBins
@@ -155,6 +156,7 @@ class FoldSpec:
     optim: OptimSettings
     trainer: dict[str, Any]
     progress_bar: bool
+    cache: dict[str, np.ndarray | str] | None = None
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -226,9 +228,9 @@ def _module(spec: FoldSpec) -> KCFModule:
 
 
 def _dataset(spec: FoldSpec, items: Sequence[KCFItem], module: KCFModule) -> KCFDataset:
-    backbone = module.net.backbone
+    b = module.net.backbone
     return KCFDataset(
-        items, spec.bins, spec.input_size, spec.crop, spec.crop_scale, backbone.input_mean, backbone.input_std
+        items, spec.bins, spec.input_size, spec.crop, spec.crop_scale, b.input_mean, b.input_std, spec.cache
     )
 
 
@@ -253,6 +255,7 @@ def train_fold(
     trainer = _trainer(spec, fold_dir, callbacks)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=last if last.is_file() else None)
     seconds = time.perf_counter() - started
+    tmp = store.model_path(fold).with_name(".model.pt.tmp")
     torch.save(
         {
             "format": "kcf-fold-model",
@@ -263,8 +266,9 @@ def train_fold(
             "input_size": spec.input_size,
             "epochs_trained": int(trainer.current_epoch),
         },
-        store.model_path(fold),
+        tmp,
     )
+    os.replace(tmp, store.model_path(fold))
     atomic_write_json(
         fold_dir / "train.json", {"train_seconds": seconds, "epochs": int(trainer.current_epoch)}
     )
@@ -280,7 +284,7 @@ def load_fold_module(spec: FoldSpec, store: FoldStore, fold: int) -> KCFModule:
 
 
 def score_fold(
-    spec: FoldSpec, fold: int, module: KCFModule, held_out: Sequence[KCFItem], store: FoldStore
+    spec: FoldSpec, fold: int, module: KCFModule, held_out: Sequence[KCFItem]
 ) -> tuple[pd.DataFrame, float]:
     """Score the held-out images with the fold's classifier; returns (FOLD_COLUMNS frame, wall seconds)."""
     dataset = _dataset(spec, held_out, module)

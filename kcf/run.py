@@ -58,7 +58,9 @@ MODEL_NAME = "kcf"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "kcf_default.yaml"
 # Settings that may change between a run and its resumption (they do not change what is computed).
-VOLATILE_KEYS = ("num_workers", "score_batch_size", "progress_bar", "num_threads", "accelerator", "devices")
+VOLATILE_KEYS = (
+    "num_workers", "score_batch_size", "progress_bar", "num_threads", "accelerator", "devices", "cache",
+)  # fmt: skip
 
 
 class _Section(BaseModel):
@@ -174,6 +176,7 @@ def load_thresholds(path: str | os.PathLike[str] | KCFThresholds | None) -> Thre
 
 
 def fold_spec(cfg: KCFConfig) -> FoldSpec:
+    """The per-fold settings (``kcf.folds.FoldSpec``) of a resolved config."""
     t = cfg.trainer
     trainer = {
         "max_epochs": t.max_epochs,
@@ -188,7 +191,7 @@ def fold_spec(cfg: KCFConfig) -> FoldSpec:
         pretrained_path=cfg.model.pretrained_path, dropout=cfg.model.dropout, input_size=cfg.model.input_size,
         crop=cfg.data.crop, crop_scale=cfg.data.crop_scale, batch_size=cfg.batch_size,
         score_batch_size=cfg.score_batch_size, num_workers=cfg.data.num_workers, optim=cfg.optim,
-        trainer=trainer, progress_bar=t.progress_bar,
+        trainer=trainer, progress_bar=t.progress_bar, cache={} if cfg.data.cache else None,
     )  # fmt: skip
 
 
@@ -200,7 +203,12 @@ def _signature(cfg: KCFConfig, items: list[KCFItem], source: Path) -> dict[str, 
                 section.pop(key, None)
     for key in VOLATILE_KEYS:
         resolved.pop(key, None)
-    return {"input": str(source), "config": resolved, "images": len(items), "digest": items_digest(items)}
+    return {
+        "input": os.path.abspath(source),
+        "config": resolved,
+        "images": len(items),
+        "digest": items_digest(items),
+    }
 
 
 @dataclass
@@ -283,7 +291,7 @@ def run_kcf(
             module, train_s = load_fold_module(spec, store, fold), store.train_seconds(fold)
         else:
             module, train_s = train_fold(spec, fold, train_items, store, callbacks)
-        frame, score_s = score_fold(spec, fold, module, held_out, store)
+        frame, score_s = score_fold(spec, fold, module, held_out)
         info.update(
             train_seconds=train_s, score_seconds=score_s, model_sha256=sha256_file(store.model_path(fold))
         )

@@ -158,6 +158,80 @@ def generate(
     run_generate(out, settings, shard=parse_shard(shard), workers=workers, animal3d_json=animal3d_json)
 
 
+@app.command()
+@friendly_errors
+def train(
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            "--data", help="BATCH folder(s) (synthetic, pretrain) or an Animal3D-format JSON (finetune)."
+        ),
+    ],
+    stage: Annotated[str, typer.Option(help="synthetic | pretrain | finetune")] = "synthetic",
+    config: Annotated[
+        Path | None, typer.Option(help="Training YAML (default prf/configs/train_default_<stage>.yaml).")
+    ] = None,
+    init: Annotated[
+        Path | None, typer.Option(help="Export to start from (finetune: the pretrain export).")
+    ] = None,
+    arch: Annotated[str | None, typer.Option(help="pare | hmr")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder; run again with it to resume.")] = None,
+    val: Annotated[list[Path] | None, typer.Option(help="Held-out data (default: a seeded split).")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Trainer max_epochs.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Trainer max_steps.")] = None,
+    devices: Annotated[str | None, typer.Option(help="Trainer devices (e.g. 1, 4, auto).")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="cpu, gpu, auto.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="auto, ddp, ...")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Nodes for multi-node DDP.")] = None,
+    precision: Annotated[str | None, typer.Option(help="32-true, 16-mixed, bf16-mixed.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override key.sub=value (repeatable).")
+    ] = None,
+) -> None:
+    """Train a PRF regressor stage (model A: synthetic; model B: pretrain, then finetune)."""
+    from prf.train import parse_overrides, run_train
+
+    flags = {
+        "trainer.max_epochs": max_epochs,
+        "trainer.max_steps": max_steps,
+        "trainer.devices": devices,
+        "trainer.accelerator": accelerator,
+        "trainer.strategy": strategy,
+        "trainer.num_nodes": num_nodes,
+        "trainer.precision": precision,
+    }
+    items = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    export = run_train(stage, data, config, init, arch, run_dir, parse_overrides(items), val_data=val)
+    console.print(f"wrote {export}")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="An export.pt from prf train.")],
+    data: Annotated[Path, typer.Argument(help="BATCH folder or Animal3D-format JSON.")],
+    rows: Annotated[str, typer.Option(help="BATCH rows: faithful | failures | all.")] = "faithful",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
+    smal: Annotated[Path | None, typer.Option(help="SMAL model the checkpoint was trained with.")] = None,
+    family_data: Annotated[Path | None, typer.Option(help="SMAL shape-family data file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """PA-MPJPE, S-MPJPE ("mm"), PCK@0.1 / 0.15 and the image count of a checkpoint on labelled data."""
+    import json
+
+    from prf.body import SMAL
+    from prf.evaluate import evaluate as run_evaluate
+    from prf.evaluate import format_result
+
+    body = SMAL.from_file(smal, family_data=family_data) if smal else None
+    result = run_evaluate(checkpoint, data, batch_size, limit, rows, body)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        console.print(format_result(result))
+
+
 @batch_app.command("sheet")
 @friendly_errors
 def batch_sheet(
@@ -174,11 +248,13 @@ def batch_sheet(
 
 def _register_commands() -> None:
     """Commands whose functions live in their own modules (each imports its heavy parts lazily)."""
+    from kcf import cli as kcf_cli
     from prf import cli_score
 
     app.command("score")(cli_score.score)
     app.command("calibrate")(cli_score.calibrate)
     app.command("report")(cli_score.report)
+    app.command("kcf")(friendly_errors(kcf_cli.kcf))
 
 
 _register_commands()

@@ -149,6 +149,7 @@ def _device_batch(batch: dict[str, Any], ok: Tensor, device: torch.device) -> di
     return {
         "crops": [move(c, torch.float32) for c in batch["crops"]],
         "affines": [move(a, dtype) for a in batch["affines"]],
+        "crop_cams": [move(c, torch.float32) for c in batch["crop_cams"]],
         **{key: move(batch[key], dtype) for key in keys},
         "dtype": dtype,
     }
@@ -159,7 +160,9 @@ def _model_metrics(model: ScoringModel, rows: dict[str, Any], amp: bool) -> dict
     predictor, dtype = model.predictor, rows["dtype"]
     net = _AutocastNet(predictor.net) if amp and predictor.device.type == "cuda" else predictor.net
     with torch.inference_mode():
-        pred = run_regressor(net, predictor.body, rows["crops"][model.crop_index])
+        # a perspective-trained model projects through the crop's own pinhole camera (prf.predictor)
+        crop_cam = rows["crop_cams"][model.crop_index] if predictor.projection == "perspective" else None
+        pred = run_regressor(net, predictor.body, rows["crops"][model.crop_index], crop_cam)
         crop2d = from_normalised(pred["keypoints_2d"].to(dtype), predictor.input_size)
         pred2d = _image_pixels(crop2d, rows["affines"][model.crop_index])
         target2d, visible = rows["keypoints_2d"][:, :, :2], rows["keypoints_2d"][:, :, 2] > 0

@@ -37,7 +37,7 @@ from prf.body.layout import NUM_KEYPOINTS
 from prf.data.animal3d import SampleRef, resolve_image_path
 from prf.data.annotation import Annotation, AnnotationError
 from prf.data.io import ImageReadError, read_label_png
-from prf.data.transforms import crop_image, normalise_image
+from prf.data.transforms import crop_camera, crop_image, normalise_image
 
 _IDENTITY_AFFINE = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
@@ -107,6 +107,7 @@ def _empty_item(ref: SampleRef, specs: Sequence[CropSpec], error: str | None) ->
         "error": error,
         "crops": [torch.zeros(3, spec.size, spec.size) for spec in specs],
         "affines": [_IDENTITY_AFFINE.copy() for _ in specs],
+        "crop_cams": [np.array([1.0, 0.0, 0.0]) for _ in specs],
         "keypoints_2d": np.zeros((NUM_KEYPOINTS, 3)),
         "keypoints_3d": np.zeros((NUM_KEYPOINTS, 3)),
         "bbox": np.zeros(4),
@@ -132,6 +133,7 @@ def load_item(ref: SampleRef, specs: Sequence[CropSpec], num_joints: int) -> dic
             crop, affine = crop_image(image, annotation.bbox, spec.size, spec.crop_scale)
             item["crops"][k] = normalise_image(crop, spec.mean, spec.std)
             item["affines"][k] = affine
+            item["crop_cams"][k] = crop_camera(annotation.intrinsics(), affine)
         rotation = (
             np.eye(3) if annotation.camera is None else np.asarray(annotation.camera.R, dtype=np.float64)
         )
@@ -178,6 +180,10 @@ def collate_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "source_index": torch.tensor([item["source_index"] for item in items], dtype=torch.int64),
         "error": [item["error"] for item in items],
         "crops": [torch.stack([item["crops"][k] for item in items]) for k in range(n_specs)],
+        "crop_cams": [
+            torch.as_tensor(np.stack([item["crop_cams"][k] for item in items]), dtype=torch.float64)
+            for k in range(n_specs)
+        ],
         "affines": [
             torch.as_tensor(np.stack([item["affines"][k] for item in items]), dtype=torch.float64)
             for k in range(n_specs)

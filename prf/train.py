@@ -342,7 +342,9 @@ def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
     callbacks: list[pl.Callback] = []
     if not t.fast_dev_run:
         callbacks.append(
-            ModelCheckpoint(dirpath=run_dir, filename="epoch{epoch:04d}", save_last=True, save_top_k=0)
+            # save_top_k=1 without a monitor keeps the newest epoch; last.ckpt is written with it every epoch
+            # (with save_top_k=0 Lightning would write last.ckpt only when training ends).
+            ModelCheckpoint(dirpath=run_dir, filename="{epoch:04d}", save_last=True, save_top_k=1)
         )
     if t.progress_bar:
         callbacks.append(RichProgressBar())

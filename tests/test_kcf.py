@@ -377,8 +377,8 @@ def test_fold_scores_do_not_depend_on_batch_composition(batch: Path, full_run) -
     store = FoldStore(full_run.work_dir)
     one_at_a_time = fold_spec(load_config(overrides={**TINY, "score_batch_size": 1}))
     module = load_fold_module(one_at_a_time, store, 0)
-    alone, _ = score_fold(one_at_a_time, 0, module, items, store)
-    together, _ = score_fold(fold_spec(load_config(overrides=TINY)), 0, module, items, store)
+    alone, _ = score_fold(one_at_a_time, 0, module, items)
+    together, _ = score_fold(fold_spec(load_config(overrides=TINY)), 0, module, items)
     pd.testing.assert_frame_equal(alone, together, check_exact=False, rtol=1e-5, atol=1e-6)
     assert len(alone) == 16 and (alone["error"] == "").all()
 

@@ -94,6 +94,8 @@ def test_resume_from_last_checkpoint(data: dict[str, Path], tmp_path: Path) -> N
         run_train("synthetic", data["batch"], config, run_dir=run_dir, overrides={"trainer.max_epochs": 2})
     )
     assert second["steps_trained"] == 2 and second["epochs_trained"] == 2
+    # Checkpoints are written at every epoch end (not only when training ends), so a killed run resumes.
+    assert [p.name for p in run_dir.glob("epoch=*.ckpt")] == ["epoch=0001.ckpt"]
     with pytest.raises(ValueError, match=r"another config \(optim.lr"):
         run_train("synthetic", data["batch"], config, run_dir=run_dir, overrides={"optim.lr": 0.5})
 

@@ -332,13 +332,14 @@ class Annotation(BaseModel):
 
     def intrinsics(self, default_focal_px: float = ANIMAL3D_DEFAULT_FOCAL_PX) -> np.ndarray:
         """(3, 3) float64 K: the camera's if present, else focal ``default_focal_px`` and the image centre
-        as principal point (Animal3D samples carry no intrinsics)."""
+        as principal point (Animal3D samples carry no intrinsics). Pixel centres are at integers
+        (prf.geometry), so the centre is ((W - 1) / 2, (H - 1) / 2)."""
         if self.camera is not None:
             return np.asarray(self.camera.K, dtype=np.float64)
         return np.array(
             [
-                [default_focal_px, 0.0, self.width / 2.0],
-                [0.0, default_focal_px, self.height / 2.0],
+                [default_focal_px, 0.0, (self.width - 1) / 2.0],
+                [0.0, default_focal_px, (self.height - 1) / 2.0],
                 [0, 0, 1.0],
             ]
         )
