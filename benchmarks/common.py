@@ -46,6 +46,11 @@ SCORE_DIRECTIONS: dict[str, bool] = {
     "_geodesic": True,
 }
 
+SCORE_UNITS: dict[str, str] = {
+    "_pa_mpjpe": "mm", "_s_mpjpe": "mm", "_pck": "%", "_max_kp_error": "sqrt(mask area)", "_ce": "nats",
+    "_ce_azimuth": "nats", "_ce_elevation": "nats", "_ce_theta": "nats", "_geodesic": "radians",
+}  # fmt: skip
+
 
 # ---- inputs -------------------------------------------------------------------------------------------
 def load_labels(batch: str | os.PathLike[str]) -> pd.DataFrame:
@@ -455,7 +460,8 @@ def plot_distributions(
                 chosen = values[finite & group]
                 if len(chosen):
                     ax.hist(chosen, bins=bins, alpha=0.55, color=colour, label=f"{name} ({len(chosen)})")
-        ax.set_title(column, fontsize=9)
+        unit = next((u for suffix, u in SCORE_UNITS.items() if column.endswith(suffix)), "")
+        ax.set_title(f"{column} ({unit})" if unit else column, fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(columns) :]:

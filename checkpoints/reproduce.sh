@@ -27,9 +27,11 @@ prf train --stage synthetic --data "$work/synthetic" --run-dir "$work/model_a"
 prf train --stage pretrain --data "$work/synthetic" --run-dir "$work/model_b_pretrain"
 prf train --stage finetune --data "$work/standin/train.json" --init "$work/model_b_pretrain/export.pt" \
   --run-dir "$work/model_b"
-cp "$work/model_a/export.pt" checkpoints/prf_model_a.pt
-cp "$work/model_b/export.pt" checkpoints/prf_model_b.pt
-(cd checkpoints && sha256sum prf_model_a.pt prf_model_b.pt > SHA256SUMS)
+for model in a b; do
+  run="$work/model_$model"
+  cp "$run/export.pt" "checkpoints/prf_model_$model.pt"
+  cp "$run/export.pt.sha256" "checkpoints/prf_model_$model.pt.sha256"  # checked on every load
+done
 
 # 3. held-out metrics (faithful images of a new seed, and images with injected failures)
 for model in a b; do

@@ -40,16 +40,28 @@ def score(
     ] = Path("scores.parquet"),
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (one process).")] = "auto",
     limit: Annotated[int | None, typer.Option(help="Score only the first N input images.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    devices: Annotated[
+        int,
+        typer.Option(help="Processes (devices) per node; > 1 runs Lightning's predict loop (docs/scale.md)."),
+    ] = 1,
+    num_nodes: Annotated[int, typer.Option(help="Nodes (multi-node needs a launcher such as srun).")] = 1,
+    strategy: Annotated[
+        str, typer.Option(help="Lightning strategy for several processes: ddp, ddp_spawn.")
+    ] = "ddp",
+    accelerator: Annotated[
+        str, typer.Option(help="With --devices / --num-nodes: auto, cpu (gloo) or gpu (NCCL).")
+    ] = "auto",
 ) -> None:
     """Score images with the PRF regressors; keep those the models keep (SCORES, keep.txt, reject.txt)."""
     from prf.cli import friendly_errors
 
     friendly_errors(_score)(
-        input, thresholds, _split_models(models), out, batch_size, workers, device, limit, quiet
-    )
+        input, thresholds, _split_models(models), out, batch_size, workers, device, limit, quiet,
+        (devices, num_nodes, strategy, accelerator),
+    )  # fmt: skip
 
 
 def _score(
@@ -62,12 +74,24 @@ def _score(
     device: str,
     limit: int | None,
     quiet: bool,
+    distributed: tuple[int, int, str, str] = (1, 1, "ddp", "auto"),
 ) -> None:
     from rich.console import Console
 
-    from prf.score import score as run_score
+    devices, num_nodes, strategy, accelerator = distributed
+    if devices * num_nodes > 1:
+        from prf.score_distributed import score_distributed
 
-    summary = run_score(input, thresholds, models, out, batch_size, workers, device, limit, quiet=quiet)
+        summary = score_distributed(
+            input, thresholds, models, out, batch_size, workers, devices, num_nodes, strategy, accelerator,
+            limit, quiet=quiet,
+        )  # fmt: skip
+        if summary is None:  # not rank 0: rank 0 merges and prints
+            return
+    else:
+        from prf.score import score as run_score
+
+        summary = run_score(input, thresholds, models, out, batch_size, workers, device, limit, quiet=quiet)
     console = Console()
     console.print(summary.renderable())
     console.print(f"wrote {out}, {summary.keep_list}, {summary.reject_list}")

@@ -308,6 +308,52 @@ def score(
     if batch_size < 1 or workers < 0 or (limit is not None and limit < 1) or flush_rows < 1:
         raise ValueError("need batch_size >= 1, workers >= 0, limit >= 1 (or none) and flush_rows >= 1")
     started = time.perf_counter()
+    plan = plan_run(input_path, thresholds_path, models, out, limit)
+    torch_device = resolve_device(device)
+    if plan.todo:
+        scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch_device, smal)
+        plan.store.start(plan.provenance)
+        num_joints = scoring[0].predictor.body.num_joints
+        loader = make_loader(plan.todo, specs, num_joints, batch_size, workers, torch_device.type == "cuda")
+        progress = Progress(
+            TextColumn("[bold]score[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
+            disable=quiet,
+        )
+        _drive(scoring, loader, plan.store, plan.schema, plan.thresholds.config.combine, flush_rows, progress)
+    return finish_run(plan, started)
+
+
+@dataclass
+class RunPlan:
+    """What a scoring run will do, worked out before any model is loaded (``plan_run``)."""
+
+    thresholds: ThresholdsFile
+    checkpoints: dict[str, Path]
+    out: Path
+    provenance: dict[str, Any]
+    store: PartStore
+    schema: pa.Schema
+    todo: list[SampleRef]
+    total: int
+
+
+def plan_run(
+    input_path: str | os.PathLike[str],
+    thresholds_path: str | os.PathLike[str],
+    models: Sequence[str | os.PathLike[str]] | None,
+    out: str | os.PathLike[str],
+    limit: int | None,
+) -> RunPlan:
+    """Check the configuration (thresholds, checkpoints, input, an existing ``out`` or its parts folder:
+    same thresholds and checkpoints) and list the images not scored yet, in input order. Writes nothing.
+
+    Only the SampleRefs still to score are kept (not the whole input), so a resumed run of millions of
+    images holds its remainder only.
+    """
     thresholds = load_thresholds(thresholds_path)
     checkpoints = resolve_checkpoints(thresholds, models)
     input_path, out = Path(input_path), Path(out)
@@ -319,33 +365,30 @@ def score(
     if out.exists():
         check_compatible(read_provenance(out), provenance, out)
         done |= image_ids(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    store.start(provenance)
+    old = store.provenance()
+    if old is not None:
+        check_compatible(old, provenance, store.dir)
     for part in store.part_files():
         done |= image_ids(part)
-    refs = list(itertools.islice(iter_samples(input_path), limit))
-    todo = [ref for ref in refs if ref.image_id not in done]
+    total, todo = 0, []
+    for ref in itertools.islice(iter_samples(input_path), limit):
+        total += 1
+        if ref.image_id not in done:
+            todo.append(ref)
+    out.parent.mkdir(parents=True, exist_ok=True)
     schema = scores_schema(thresholds.config.model_names())
-    torch_device = resolve_device(device)
-    if todo:
-        scoring, specs = load_models(thresholds, checkpoints, torch_device, smal)
-        num_joints = scoring[0].predictor.body.num_joints
-        loader = make_loader(todo, specs, num_joints, batch_size, workers, torch_device.type == "cuda")
-        progress = Progress(
-            TextColumn("[bold]score[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console or Console(stderr=True),
-            disable=quiet,
-        )
-        _drive(scoring, loader, store, schema, thresholds.config.combine, flush_rows, progress)
+    return RunPlan(thresholds, checkpoints, out, provenance, store, schema, todo, total)
+
+
+def finish_run(plan: RunPlan, started: float) -> ScoreSummary:
+    """Merge the parts into ``out`` (atomic), remove them, write keep.txt / reject.txt and summarise."""
+    out, store = plan.out, plan.store
     if store.part_files() or not out.exists():
-        merge(out, sources_for_merge(out, store), schema, provenance)
+        merge(out, sources_for_merge(out, store), plan.schema, plan.provenance)
     store.cleanup()
     keep_list, reject_list = write_lists(out)
     summary = summarize(out)
-    summary.scored_now, summary.skipped = len(todo), len(refs) - len(todo)
+    summary.scored_now, summary.skipped = len(plan.todo), plan.total - len(plan.todo)
     summary.seconds = time.perf_counter() - started
     summary.keep_list, summary.reject_list = keep_list, reject_list
     return summary

@@ -125,10 +125,12 @@ def image_ids(path: Path) -> set[str]:
 class PartStore:
     """The ``<out>.parts`` folder of a run in progress (module docstring)."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, rank: int | None = None) -> None:
         self.out = out
         self.dir = out.with_name(out.name + ".parts")
         self.run_file = self.dir / "run.json"
+        self.rank = rank
+        self.prefix = "part-" if rank is None else f"part-r{rank:05d}-"
 
     def part_files(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -150,16 +152,21 @@ class PartStore:
                 f"{self.dir} holds parts but no run.json; delete the folder to start again"
             )
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".*.tmp"):
+        for stale in self.dir.glob(f".{self.prefix}*.tmp"):  # this writer's own leftovers of a kill
             stale.unlink(missing_ok=True)
+        if self.rank in (None, 0):  # the merging process: a merge killed before its rename
+            self.out.with_name(f".{self.out.name}.merge.tmp").unlink(missing_ok=True)
+            for stale in self.dir.glob(".run.json.*.tmp"):
+                stale.unlink(missing_ok=True)
         if old is None:
             atomic_write_json(self.run_file, provenance)
 
     def write(self, rows: list[dict[str, Any]], schema: pa.Schema) -> Path:
-        """Write rows as the next part file, atomically."""
-        existing = self.part_files()
-        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
-        path = self.dir / f"part-{number:06d}.parquet"
+        """Write rows as this writer's next part file (``part-NNNNNN``; a rank's: ``part-rRRRRR-NNNNNN``),
+        atomically: a kill leaves either the whole part or a hidden ``.part-*.tmp`` that is never read."""
+        own = [p for p in self.part_files() if p.name.startswith(self.prefix) and _number(p, self.prefix)]
+        number = int(_number(own[-1], self.prefix)) + 1 if own else 0
+        path = self.dir / f"{self.prefix}{number:06d}.parquet"
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
         atomic_write_bytes(path, sink.getvalue().to_pybytes())
@@ -174,6 +181,12 @@ class PartStore:
             stale.unlink(missing_ok=True)
         if self.dir.is_dir():
             self.dir.rmdir()
+
+
+def _number(path: Path, prefix: str) -> str:
+    """The NNNNNN of ``<prefix>NNNNNN.parquet`` ("" when the rest of the name is not a number)."""
+    rest = path.name[len(prefix) :].removesuffix(".parquet")
+    return rest if rest.isdigit() else ""
 
 
 def merge(out: Path, sources: Sequence[Path], schema: pa.Schema, provenance: dict[str, Any]) -> int:

@@ -1,0 +1,157 @@
+"""``prf score --devices N [--num-nodes M]``: scoring on several processes through Lightning's predict loop.
+
+Each rank (one process per device, gloo on CPU, NCCL on GPU, chosen by Lightning) runs ``score_batch`` on
+its share of the images still to score and streams its rows to its own part files
+(``<out>.parts/part-rRRRRR-NNNNNN.parquet``, prf.score_io.PartStore). After a barrier, rank 0 merges every
+part into ``<out>`` atomically, de-duplicated by ``image_id``, so an image a sampler handed to two ranks
+(padding) is in the table once.
+
+Resuming works as for one process: every rank lists the images already in ``<out>`` and the parts
+BEFORE a barrier that no rank passes before all have listed them, so all ranks shard the same remainder
+(Lightning's predict sampler: rank r takes images r, r + W, r + 2W, ... of it, no shuffling). ``<out>``
+must be on a file system every node sees.
+
+Launching: with ``--strategy ddp`` Lightning starts the other local ranks by running the same command
+again (``LOCAL_RANK`` set); under SLURM (``srun``) or torchrun the launcher starts them and Lightning
+only joins them. Everything before ``trainer.predict`` (planning, loading the models) runs in every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from prf.body.smal import SMAL
+from prf.score import RunPlan, ScoringModel, finish_run, load_models, make_loader, plan_run, score_batch
+from prf.score_io import PartStore, ScoreSummary
+
+FLUSH_SECONDS = 30.0
+
+
+def launched_rank(devices: int) -> int:
+    """This process's global rank as its launcher set it: torchrun (``RANK``), SLURM ``srun``
+    (``SLURM_PROCID``), a Lightning ``ddp`` child (``NODE_RANK`` x devices + ``LOCAL_RANK``); 0 for the
+    first process of a run that Lightning launches itself."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ["SLURM_PROCID"])
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ.get("NODE_RANK", "0")) * devices + int(os.environ["LOCAL_RANK"])
+    return 0
+
+
+class ScoreModule(pl.LightningModule):
+    """Scores its rank's batches (``score_batch``) and streams the rows to the rank's part files.
+
+    Args:
+        models: the loaded regressors (moved to the rank's device in ``setup``).
+        plan: the run's plan (prf.score.plan_run), identical on every rank.
+        flush_rows: rows buffered before a part file is written (also every 30 s and at the end).
+    """
+
+    def __init__(self, models: list[ScoringModel], plan: RunPlan, flush_rows: int) -> None:
+        super().__init__()
+        self.scoring = models
+        self.plan = plan
+        self.flush_rows = flush_rows
+        self.store: PartStore | None = None
+        self.buffer: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device
+        for model in self.scoring:
+            predictor = model.predictor
+            predictor.device = device
+            predictor.net = predictor.net.to(device).eval()
+            predictor.body = predictor.body.to(device).eval()
+        self.store = PartStore(self.plan.out, self.trainer.global_rank)
+        self.store.start(self.plan.provenance)
+        # no rank writes a part before every rank has listed what was already scored (module docstring)
+        self.trainer.strategy.barrier("prf-score-planned")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        amp = self.trainer.strategy.root_device.type == "cuda"
+        self.buffer.extend(score_batch(self.scoring, batch, self.plan.thresholds.config.combine, amp))
+        if len(self.buffer) >= self.flush_rows or time.monotonic() - self.last_flush > FLUSH_SECONDS:
+            self._flush()
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # score_batch moves only the scorable rows, in the dtype each model needs
+
+    def on_predict_end(self) -> None:
+        self._flush()
+        self.trainer.strategy.barrier("prf-score-flushed")  # rank 0 merges once every rank has written
+
+    def _flush(self) -> None:
+        if self.buffer and self.store is not None:
+            self.store.write(self.buffer, self.plan.schema)
+        self.buffer, self.last_flush = [], time.monotonic()
+
+
+def score_distributed(
+    input_path: str | os.PathLike[str],
+    thresholds_path: str | os.PathLike[str],
+    models: Sequence[str | os.PathLike[str]] | None = None,
+    out: str | os.PathLike[str] = "scores.parquet",
+    batch_size: int = 32,
+    workers: int = 0,
+    devices: int = 2,
+    num_nodes: int = 1,
+    strategy: str = "ddp",
+    accelerator: str = "auto",
+    limit: int | None = None,
+    *,
+    smal: SMAL | None = None,
+    quiet: bool = False,
+    flush_rows: int = 1024,
+) -> ScoreSummary | None:
+    """Score INPUT like ``prf.score.score`` on ``devices`` x ``num_nodes`` processes (module docstring).
+
+    Returns the summary in rank 0 (after the merge) and None in the other ranks. Config problems raise
+    in every rank before any model is loaded or anything is written.
+    """
+    if batch_size < 1 or workers < 0 or (limit is not None and limit < 1) or flush_rows < 1:
+        raise ValueError("need batch_size >= 1, workers >= 0, limit >= 1 (or none) and flush_rows >= 1")
+    if devices < 1 or num_nodes < 1:
+        raise ValueError(f"need --devices >= 1 and --num-nodes >= 1, got {devices} and {num_nodes}")
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ValueError(f"--accelerator must be auto, cpu, gpu or cuda, got {accelerator!r}")
+    started = time.perf_counter()
+    plan = plan_run(input_path, thresholds_path, models, out, limit)
+    if not plan.todo:  # nothing to score: no processes to launch; the first one merges what is there
+        return finish_run(plan, started) if launched_rank(devices) == 0 else None
+    if quiet:
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    loader = make_loader(plan.todo, specs, scoring[0].predictor.body.num_joints, batch_size, workers, gpu)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=not quiet,
+        use_distributed_sampler=True,
+    )
+    warnings.filterwarnings("ignore", message=".*predict returned None.*")
+    trainer.predict(ScoreModule(scoring, plan, flush_rows), loader, return_predictions=False)
+    if trainer.global_rank != 0:
+        return None
+    return finish_run(plan, started)  # plan.store (no rank) sees every rank's parts
+
+
+def is_distributed(devices: int, num_nodes: int) -> bool:
+    """More than one process in all: the Lightning path; otherwise the single-process fast path."""
+    return devices * num_nodes > 1
