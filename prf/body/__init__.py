@@ -1,8 +1,8 @@
 """The 3D animal core: SMAL model loading, the SMAL layer, the built-in quadruped, poses and layout.
 
-    from prf.body import SMAL
-    model = SMAL.builtin()                      # or SMAL.from_file("my_smpl_00781_4_all.pkl")
-    out = model(betas=betas, pose=pose)  # .vertices (B,V,3), .joints (B,J,3), .keypoints (B,26,3)
+from prf.body import SMAL
+model = SMAL.builtin()                      # or SMAL.from_file("my_smpl_00781_4_all.pkl")
+out = model(betas=betas, pose=pose)  # .vertices (B,V,3), .joints (B,J,3), .keypoints (B,26,3)
 """
 
 from prf.body.model_data import SMALModelData
