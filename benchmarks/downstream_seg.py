@@ -64,9 +64,9 @@ class SegSettings:
     n_train: int = 800
     n_eval: int = 200
     image_size: int = 96
-    iterations: int = 600
+    iterations: int = 3000
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     inject: float = 0.5
 
 
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, help="training images per seed (full 800)")
     parser.add_argument("--n-eval", type=int, help="held-out images per seed (full 200)")
     parser.add_argument("--size", type=int, help="image side in pixels (full 96)")
-    parser.add_argument("--iterations", type=int, help="segmenter training iterations (full 600)")
+    parser.add_argument("--iterations", type=int, help="segmenter training iterations (full 3000)")
     parser.add_argument(
         "--out", type=Path, help="output folder (default benchmarks/results; quick: a tmp dir)"
     )
