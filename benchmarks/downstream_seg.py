@@ -267,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="output folder (default benchmarks/results; quick: a tmp dir)"
     )
     parser.add_argument("--work", type=Path, help="keep batches, SCORES and KCF folds here (resumable)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); see README")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     base = QUICK if args.quick else SegSettings()
     settings = SegSettings(
         n_train=args.n_train or base.n_train, n_eval=args.n_eval or base.n_eval,

@@ -131,35 +131,43 @@ def prf_checkpoints(setup: FilterSetup, work: Path) -> tuple[list[Path] | None, 
     return setup.models, ", ".join(f"{n}: {p}" for n, p in chosen.items())
 
 
-def run_prf(batch: Path, out: Path, setup: FilterSetup, work: Path) -> tuple[pd.DataFrame, float, dict]:
-    """Score ``batch`` with PRF into ``out``; returns (SCORES, wall seconds, info)."""
+def run_prf(
+    batch: Path, out: Path, setup: FilterSetup, work: Path
+) -> tuple[pd.DataFrame, float | None, dict]:
+    """Score ``batch`` with PRF into ``out``; returns (SCORES, wall seconds or None when the run resumed
+    an earlier one, info)."""
     from prf.score import score
 
     models, note = prf_checkpoints(setup, work)
     started = time.perf_counter()
     summary = score(batch, setup.thresholds, models, out, device="cpu", quiet=True)
-    seconds = time.perf_counter() - started
+    seconds: float | None = time.perf_counter() - started
+    if summary.skipped:
+        seconds = None  # part of the batch was scored by an earlier run: the time would be misleading
     frame = common.read_scores(out)
-    names = [c[: -len("_keep")] for c in frame.columns if c.endswith("_keep")]
+    names = [c[: -len("_keep")] for c in frame.columns if c.endswith("_keep") and c != "keep"]
     info = {"checkpoints": note, "thresholds": str(setup.thresholds), "models": names,
-            "scored": summary.scored_now, "resumed": summary.skipped}  # fmt: skip
+            "scored_now": summary.scored_now, "resumed": summary.skipped}  # fmt: skip
     return frame, seconds, info
 
 
 def run_kcf_filter(batch: Path, out: Path, setup: FilterSetup) -> tuple[pd.DataFrame, float, dict]:
-    """Run KCF on ``batch`` into ``out``; returns (SCORES, wall seconds, info incl. its cost record)."""
-    from kcf.run import load_config, load_thresholds, run_kcf
+    """Run KCF on ``batch`` into ``out``; returns (SCORES, seconds, info incl. its cost record). Seconds:
+    the wall time, or the folds' recorded train + score time when some folds were resumed."""
+    from kcf.run import load_config, run_kcf
 
     overrides = {"trainer.progress_bar": False, **setup.kcf_overrides}
     config = load_config(setup.kcf_config, overrides)
-    thresholds, digest = load_thresholds(setup.kcf_thresholds)
     started = time.perf_counter()
-    result = run_kcf(batch, out, config=config, thresholds=thresholds, thresholds_sha256=digest)
+    result = run_kcf(batch, out, config=config, thresholds=setup.kcf_thresholds)
     seconds = time.perf_counter() - started
     if result is None:
         raise RuntimeError(f"KCF on {batch} did not finish every fold")
+    if result.resumed_folds:  # folds done by an earlier run: use their recorded train + score time
+        seconds = result.train_seconds + result.score_seconds
     info = {"config": str(setup.kcf_config or "kcf/configs/kcf_default.yaml"), "overrides": overrides,
-            "thresholds": thresholds.model_dump(), "cost": result.metadata.get("cost", {})}  # fmt: skip
+            "thresholds": result.metadata.get("kcf", {}).get("thresholds"),
+            "cost": result.metadata.get("cost", {})}  # fmt: skip
     return result.scores, seconds, info
 
 
@@ -372,7 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="output folder (default benchmarks/results; quick: a tmp dir)"
     )
     parser.add_argument("--work", type=Path, help="keep the batch and SCORES here (resumable)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); see README")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     setup = FilterSetup(args.models, args.thresholds, args.kcf_config, {}, args.kcf_thresholds)
     result = run_filter_quality(
         args.seed, args.quick, args.out, setup=setup, n=args.n, image_size=args.size,

@@ -46,3 +46,12 @@ prf score "$work/calibration" --thresholds examples/thresholds-paper.yaml \
   --models checkpoints/prf_model_a.pt --models checkpoints/prf_model_b.pt --out "$work/calibration_scores/scores.parquet"
 prf calibrate "$work/calibration_scores/scores.parquet" --labels "$work/calibration" --out thresholds.yaml \
   --plot "$work/calibration_roc.png"
+# name each model's checkpoint in the file (paths relative to it), as in the shipped thresholds.yaml
+python - <<'EOF'
+from pathlib import Path
+path = Path("thresholds.yaml")
+text = path.read_text()
+for name in ("A", "B"):
+    text = text.replace(f"  {name}:\n", f"  {name}:\n    checkpoint: checkpoints/prf_model_{name.lower()}.pt\n", 1)
+path.write_text(text)
+EOF

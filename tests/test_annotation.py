@@ -63,7 +63,7 @@ def test_missing_shape_extra_means_zero_betas_and_default_focal() -> None:
     np.testing.assert_allclose(betas[:20], entry["shape"])
     assert np.all(betas[20:] == 0)
     K = annotation.intrinsics()
-    assert K[0, 0] == ANIMAL3D_DEFAULT_FOCAL_PX and K[0, 2] == 16.0
+    assert K[0, 0] == ANIMAL3D_DEFAULT_FOCAL_PX and K[0, 2] == 15.5  # (W - 1) / 2: pixel centres at integers
     assert annotation.intrinsics(default_focal_px=800.0)[1, 1] == 800.0
 
 

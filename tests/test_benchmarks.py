@@ -237,7 +237,16 @@ def test_evaluate_segmenter_perfect_and_partial() -> None:
     assert partial["iou"]["background"] == pytest.approx(100.0 * 32 / 40)
 
 
-def test_segformer_trains_a_few_steps() -> None:
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine two spinning threads make this test 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_segformer_trains_a_few_steps(one_thread: None) -> None:
     torch.manual_seed(0)
     images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
     labels = torch.zeros(4, 32, 32, dtype=torch.uint8)
