@@ -5,6 +5,7 @@ All validation (config keys, paths, backend weights) happens before the first im
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -136,3 +137,17 @@ def print_summary(out: Path, manifest: Any, counts: dict[str, int], elapsed: flo
     if counts["made"]:
         table.add_row("images / s (this run)", f"{counts['made'] / max(elapsed, 1e-9):.1f}")
     console.print(table)
+
+
+def _worker_main(argv: list[str]) -> None:
+    """Entry of one `prf generate --devices N` worker: OUT SETTINGS_JSON SHARD(i/N) WORKERS."""
+    out, settings_path, shard_text, workers = argv
+    i, n = (int(v) for v in shard_text.split("/"))
+    settings = json.loads(Path(settings_path).read_text())
+    run_generate(Path(out), settings, shard=(i, n), workers=int(workers), quiet=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _worker_main(sys.argv[1:])

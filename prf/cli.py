@@ -121,6 +121,9 @@ def generate(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with more generation settings.")] = None,
     shard: Annotated[str, typer.Option(help="Make only shard i of N (i/N).")] = "0/1",
+    devices: Annotated[
+        int, typer.Option(help="Worker processes, one per device (GPU), each a sub-shard.")
+    ] = 1,
     workers: Annotated[int, typer.Option(help="Preparation threads.")] = 2,
     model_path: Annotated[
         Path | None, typer.Option(help="diffusers backend: local SD 1.5 folder or cache id.")
@@ -155,7 +158,12 @@ def generate(
     if controlnet_path is not None:
         backend_options["controlnet_model"] = str(controlnet_path)
     settings["backend_options"] = backend_options
-    run_generate(out, settings, shard=parse_shard(shard), workers=workers, animal3d_json=animal3d_json)
+    if devices > 1:
+        from generation.multi_device import run_generate_devices
+
+        run_generate_devices(out, settings, parse_shard(shard), devices, workers, animal3d_json=animal3d_json)
+    else:
+        run_generate(out, settings, shard=parse_shard(shard), workers=workers, animal3d_json=animal3d_json)
 
 
 @app.command()
@@ -244,6 +252,16 @@ def batch_sheet(
 
     path = write_contact_sheet(batch, out or batch / "sheet.png", limit=limit)
     console.print(f"wrote {path}")
+
+
+@batch_app.command("finalize")
+@friendly_errors
+def batch_finalize(batch: Annotated[Path, typer.Argument(help="BATCH folder.")]) -> None:
+    """Consolidate a BATCH's finished records into manifest.parquet (after sharded runs)."""
+    from generation.multi_device import finalize_batch
+
+    manifest = finalize_batch(batch)
+    console.print(f"{batch}: manifest.parquet lists {len(manifest)} images")
 
 
 def _register_commands() -> None:

@@ -147,3 +147,26 @@ def test_tiny_diffusers_pipeline_writes_a_valid_batch(tmp_path: Path) -> None:
         ann = reader.read_annotation(image_id)
         assert ann.backend == "diffusers" and ann.prompt and ann.prompt.startswith("An image of")
     assert reader.metadata["backend"]["num_inference_steps"] == 2
+
+
+def test_device_shards_cover_the_machine_shard_exactly() -> None:
+    from generation.multi_device import device_shards
+
+    for shard in ((0, 1), (1, 3)):
+        for devices in (1, 2, 4):
+            covered = sorted(k for j, n in device_shards(shard, devices) for k in range(60) if k % n == j)
+            assert covered == [k for k in range(60) if k % shard[1] == shard[0]]
+
+
+def test_two_device_workers_write_the_same_batch_as_one_process(faithful_batch: Path, tmp_path: Path) -> None:
+    from generation.multi_device import run_generate_devices
+
+    out = tmp_path / "two"
+    counts = run_generate_devices(out, {"n": 6, "seed": 3, "image_size": SIZE}, (0, 1), devices=2, quiet=True)
+    assert counts == {"made": 6, "skipped": 0}
+    manifest = BatchReader(out).manifest
+    assert sorted(manifest["image_id"]) == BatchReader(faithful_batch).image_ids()
+    assert set(manifest["shard"]) == {"0/2", "1/2"}
+    for sub in ("images", "masks", "annotations"):
+        for path in sorted((faithful_batch / sub).iterdir()):
+            assert path.read_bytes() == (out / sub / path.name).read_bytes(), f"{sub}/{path.name} differs"

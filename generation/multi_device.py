@@ -1,0 +1,114 @@
+"""`prf generate --devices N`: one worker process per device, each making its own shard of the batch.
+
+Machine shard i/M splits into the N device shards (i + M d)/(M N), d = 0..N-1: together they make exactly
+the images of i/M (an index k belongs to shard k mod M N, and k mod M N = i + M d implies k mod M = i).
+Each worker sees one GPU (CUDA_VISIBLE_DEVICES = d) and writes straight into the shared BATCH folder;
+images are independent and each write is atomic, so workers never collide, and a killed run resumes
+per image like a single process. The parent validates the settings before starting anyone, shows one
+progress bar (by counting finished records), then consolidates the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from generation.config import GenerationConfig, load_category_table
+from generation.run import export_animal3d, print_summary
+from prf.data.batch import BatchWriter
+
+console = Console(stderr=True)
+
+
+def device_shards(shard: tuple[int, int], devices: int) -> list[tuple[int, int]]:
+    """The N device shards (i + M d, M N) whose union is machine shard (i, M)."""
+    i, m = shard
+    if devices < 1:
+        raise ValueError(f"--devices must be at least 1, got {devices}")
+    return [(i + m * d, m * devices) for d in range(devices)]
+
+
+def finalize_batch(out: Path) -> Any:
+    """Consolidate records/ into manifest.parquet for an existing BATCH (no backend needed)."""
+    metadata = json.loads((Path(out) / "batch.json").read_text(encoding="utf-8"))
+    return BatchWriter(out, metadata).finalize()
+
+
+def _finished(out: Path) -> int:
+    records = Path(out) / "records"
+    return sum(1 for p in records.glob("*.json")) if records.is_dir() else 0
+
+
+def run_generate_devices(
+    out: Path,
+    settings: dict[str, Any],
+    shard: tuple[int, int],
+    devices: int,
+    workers: int = 2,
+    animal3d_json: Path | None = None,
+    quiet: bool = False,
+) -> dict[str, int]:
+    """Generate shard `shard` of a batch with one worker process per device; returns counts."""
+    config = GenerationConfig.model_validate(settings)  # every config error before any process starts
+    categories = load_category_table(config.category_table)
+    for name in config.categories:
+        categories.by_name(name)
+    shards = device_shards(shard, devices)
+    total = sum(1 for k in range(config.n) if k % shard[1] == shard[0])
+    before = _finished(out)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings_path = Path(tmp) / "settings.json"
+        settings_path.write_text(json.dumps(config.model_dump(mode="json")))
+        procs = []
+        for device, (j, n) in enumerate(shards):
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(device))
+            cmd = [
+                sys.executable,
+                "-m",
+                "generation.run",
+                str(out),
+                str(settings_path),
+                f"{j}/{n}",
+                str(workers),
+            ]
+            log = open(Path(tmp) / f"worker-{device}.log", "w")  # noqa: SIM115 (closed below)
+            procs.append((device, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        with Progress(
+            TextColumn(f"[bold]generate[/] {out} on {devices} devices"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=quiet,
+        ) as progress:
+            task = progress.add_task("", total=total)
+            while any(p.poll() is None for _, p, _ in procs):
+                progress.update(task, completed=min(total, _finished(out)))
+                time.sleep(0.5)
+            progress.update(task, completed=min(total, _finished(out)))
+        failed = []
+        for device, proc, log in procs:
+            log.close()
+            if proc.returncode != 0:
+                tail = (Path(tmp) / f"worker-{device}.log").read_text()[-2000:]
+                failed.append(f"device {device} (exit {proc.returncode}):\n{tail}")
+        if failed:
+            raise RuntimeError("generation workers failed; rerun to resume.\n" + "\n".join(failed))
+    manifest = finalize_batch(out)
+    if animal3d_json is not None:
+        export_animal3d(out, animal3d_json)
+    made = _finished(out) - before
+    counts = {"made": made, "skipped": total - made}
+    if not quiet:
+        print_summary(out, manifest, counts, time.perf_counter() - started)
+    return counts
