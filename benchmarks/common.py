@@ -120,11 +120,6 @@ def keep_verdicts(scores: pd.DataFrame, columns: Sequence[str] = ("keep",)) -> p
     return pd.Series(keep, index=scores["image_id"].to_numpy(), name="+".join(columns))
 
 
-def score_columns(scores: pd.DataFrame) -> list[str]:
-    """The continuous score columns of a SCORES table (those with a known direction), in table order."""
-    return [c for c in scores.columns if direction_of(c) is not None and c != "image_id"]
-
-
 def direction_of(column: str) -> bool | None:
     """True if larger is worse, False if smaller is worse, None when the column is not a known score."""
     for suffix in sorted(SCORE_DIRECTIONS, key=len, reverse=True):
