@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from prf.data import transforms as T
 from prf.data.annotation import Annotation, AnnotationError
-from prf.data.batch import detect_input, iter_samples
+from prf.data.inputs import detect_input, iter_samples
 from prf.data.io import ImageReadError, read_image_rgb
 from prf.geometry import axis_angle_to_matrix, look_at, viewpoint_from_extrinsics
 

@@ -38,7 +38,7 @@ from prf import metrics
 from prf.body.smal import SMAL
 from prf.checkpoint import sha256_file
 from prf.data.animal3d import SampleRef
-from prf.data.batch import detect_input, iter_samples
+from prf.data.inputs import detect_input, iter_samples
 from prf.data.transforms import from_normalised
 from prf.models.heads import RegressorOutput
 from prf.models.regressor import run_regressor

@@ -150,7 +150,7 @@ class ScoreDataset(Dataset):
     """Items (module docstring) over a list of SampleRefs, for a DataLoader (workers decode in parallel).
 
     Args:
-        refs: from ``prf.data.batch.iter_samples`` (cheap references, nothing decoded yet).
+        refs: from ``prf.data.inputs.iter_samples`` (cheap references, nothing decoded yet).
         specs: the distinct crops the models need.
         num_joints: J of the body model (an annotation pose of another length is an error row).
     """

@@ -23,9 +23,8 @@ from prf.data.batch import (
     BatchReader,
     BatchWriter,
     NotABatchError,
-    detect_input,
-    iter_samples,
 )
+from prf.data.inputs import detect_input, iter_samples
 from prf.data.io import ImageReadError, atomic_write_json, read_image_rgb, read_label_png, write_png
 
 METADATA = {

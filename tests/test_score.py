@@ -23,7 +23,7 @@ import prf.score_io as score_io
 from generation.run import export_animal3d, run_generate
 from prf.body.smal import SMAL
 from prf.checkpoint import save_export
-from prf.data.batch import iter_samples
+from prf.data.inputs import iter_samples
 from prf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from prf.models.heads import build_regressor_net
 from prf.score import load_models, score, score_batch

@@ -50,7 +50,8 @@ from prf.body.layout import FINE_PARTS, joint_flip_permutation
 from prf.data import transforms as T
 from prf.data.animal3d import read_animal3d_json, resolve_image_path
 from prf.data.annotation import Annotation
-from prf.data.batch import BatchReader, detect_input
+from prf.data.batch import BatchReader
+from prf.data.inputs import detect_input
 from prf.data.io import read_image_rgb, read_label_png
 from prf.geometry import axis_angle_to_matrix
 
