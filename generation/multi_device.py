@@ -19,14 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from generation.config import GenerationConfig, load_category_table
-from generation.run import export_animal3d, print_summary
+from generation.run import export_animal3d, generation_progress, print_summary
 from prf.data.batch import BatchWriter
-
-console = Console(stderr=True)
 
 
 def device_shards(shard: tuple[int, int], devices: int) -> list[tuple[int, int]]:
@@ -83,15 +79,8 @@ def run_generate_devices(
             ]
             log = open(Path(tmp) / f"worker-{device}.log", "w")  # noqa: SIM115 (closed below)
             procs.append((device, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        with Progress(
-            TextColumn(f"[bold]generate[/] {out} on {devices} devices"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=quiet,
-        ) as progress:
-            task = progress.add_task("", total=total)
+        with generation_progress(quiet) as progress:
+            task = progress.add_task(f"{out} on {devices} devices", total=total)
             while any(p.poll() is None for _, p, _ in procs):
                 progress.update(task, completed=min(total, _finished(out)))
                 time.sleep(0.5)

@@ -45,6 +45,12 @@ def backend_options(config: GenerationConfig) -> dict[str, Any]:
     return options
 
 
+def generation_progress(quiet: bool) -> Progress:
+    """The rich progress bar of `prf generate` (task description = what is being made)."""
+    columns = (TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn())
+    return Progress(*columns, TimeRemainingColumn(), console=console, disable=quiet)
+
+
 def run_generate(
     out: Path,
     settings: dict[str, Any],
@@ -77,14 +83,7 @@ def run_generate(
     total = len(pipeline.indices(shard))
     failures: Counter[str] = Counter()
     started = time.perf_counter()
-    with Progress(
-        TextColumn("[bold]generate[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-    ) as progress:
+    with generation_progress(quiet) as progress:
         task = progress.add_task(f"{out} shard {shard[0]}/{shard[1]}", total=total)
         done_before = sum(writer.is_done(f"{k:08d}") for k in pipeline.indices(shard))
         progress.update(task, completed=done_before)
