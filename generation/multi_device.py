@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from generation.config import GenerationConfig, load_category_table
 from generation.run import export_animal3d, generation_progress, print_summary
 from prf.data.batch import BatchWriter
