@@ -44,6 +44,8 @@ from benchmarks.filter_quality import (  # noqa: E402
     QUICK_KCF,
     RESULTS,
     FilterSetup,
+    add_filter_arguments,
+    filter_setup_from_args,
     generate_batch,
     run_kcf_filter,
     run_prf,
@@ -251,14 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds s (one run each)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run, written to a temporary folder")
     parser.add_argument("--pretrained", type=Path, help="local MiT / SegFormer folder (never downloaded)")
-    parser.add_argument(
-        "--models", type=Path, nargs="+", help="PRF checkpoints, in the thresholds file's order"
-    )
-    parser.add_argument(
-        "--thresholds", type=Path, default=ROOT / "thresholds.yaml", help="PRF thresholds file"
-    )
-    parser.add_argument("--kcf-config", type=Path, help="KCF config YAML (default: the packaged CPU config)")
-    parser.add_argument("--kcf-thresholds", type=Path, help="KCF thresholds YAML (default: ce_max 3.73)")
+    add_filter_arguments(parser)
     parser.add_argument("--n-train", type=int, help="training images per seed (full 800)")
     parser.add_argument("--n-eval", type=int, help="held-out images per seed (full 200)")
     parser.add_argument("--size", type=int, help="image side in pixels (full 96)")
@@ -267,19 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="output folder (default benchmarks/results; quick: a tmp dir)"
     )
     parser.add_argument("--work", type=Path, help="keep batches, SCORES and KCF folds here (resumable)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); see README")
     args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    setup = filter_setup_from_args(args)
     base = QUICK if args.quick else SegSettings()
     settings = SegSettings(
         n_train=args.n_train or base.n_train, n_eval=args.n_eval or base.n_eval,
         image_size=args.size or base.image_size, iterations=args.iterations or base.iterations,
         batch_size=base.batch_size, lr=base.lr, inject=base.inject,
     )  # fmt: skip
-    setup = FilterSetup(args.models, args.thresholds, args.kcf_config, {}, args.kcf_thresholds)
     result = run_downstream_seg(
         args.seeds, args.quick, args.out, setup=setup, settings=settings, pretrained=args.pretrained,
         work_dir=args.work,

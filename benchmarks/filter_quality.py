@@ -359,12 +359,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--seed", type=int, default=0, help=f"benchmark seed S (batch seed {SEED_OFFSET} + S)"
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run, written to a temporary folder")
+def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every filter benchmark shares: PRF checkpoints and thresholds, KCF config and
+    thresholds, torch threads. Read them back with `filter_setup_from_args`."""
     parser.add_argument(
         "--models", type=Path, nargs="+", help="PRF checkpoints, in the thresholds file's order"
     )
@@ -373,6 +370,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--kcf-config", type=Path, help="KCF config YAML (default: the packaged CPU config)")
     parser.add_argument("--kcf-thresholds", type=Path, help="KCF thresholds YAML (default: ce_max 3.73)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); see README")
+
+
+def filter_setup_from_args(args: argparse.Namespace) -> FilterSetup:
+    """Apply --threads and build the FilterSetup from the options of `add_filter_arguments`."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return FilterSetup(args.models, args.thresholds, args.kcf_config, {}, args.kcf_thresholds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--seed", type=int, default=0, help=f"benchmark seed S (batch seed {SEED_OFFSET} + S)"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run, written to a temporary folder")
+    add_filter_arguments(parser)
     parser.add_argument("--n", type=int, help="images in the benchmark batch (full 1200, quick 24)")
     parser.add_argument("--size", type=int, help="image side in pixels (full 128, quick 64)")
     parser.add_argument("--min-effect", type=float, default=DEFAULT_MIN_EFFECT, help="sqrt(A) units")
@@ -380,13 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="output folder (default benchmarks/results; quick: a tmp dir)"
     )
     parser.add_argument("--work", type=Path, help="keep the batch and SCORES here (resumable)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); see README")
     args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    setup = FilterSetup(args.models, args.thresholds, args.kcf_config, {}, args.kcf_thresholds)
+    setup = filter_setup_from_args(args)
     result = run_filter_quality(
         args.seed, args.quick, args.out, setup=setup, n=args.n, image_size=args.size,
         min_effect=args.min_effect, work_dir=args.work,
