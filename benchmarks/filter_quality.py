@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import ALL, FilterRun  # noqa: E402
@@ -370,6 +371,13 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kcf-config", type=Path, help="KCF config YAML (default: the packaged CPU config)")
     parser.add_argument("--kcf-thresholds", type=Path, help="KCF thresholds YAML (default: ce_max 3.73)")
+    parser.add_argument(
+        "--kcf-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="KCF config override (repeatable), e.g. model.pretrained_path=checkpoints/prf_model_a.pt",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); see README")
 
 
@@ -379,7 +387,13 @@ def filter_setup_from_args(args: argparse.Namespace) -> FilterSetup:
         import torch
 
         torch.set_num_threads(args.threads)
-    return FilterSetup(args.models, args.thresholds, args.kcf_config, {}, args.kcf_thresholds)
+    overrides: dict[str, Any] = {}
+    for item in args.kcf_set:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--kcf-set {item!r} must look like key.sub=value (e.g. trainer.max_epochs=20)")
+        overrides[key.strip()] = yaml.safe_load(text)
+    return FilterSetup(args.models, args.thresholds, args.kcf_config, overrides, args.kcf_thresholds)
 
 
 def main(argv: list[str] | None = None) -> int:

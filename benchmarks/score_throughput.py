@@ -2,8 +2,9 @@
 
     python benchmarks/score_throughput.py BATCH [--models A.pt B.pt] [--batch-size 32] [--workers 2]
 
-- raw: both regressors (net + SMAL in the loop) on pre-made crops already in memory, same batch size, no
-  decoding, no metrics, no I/O: the ceiling scoring could reach on this machine.
+- raw: both regressors (net + SMAL in the loop, with the flip test when the checkpoint uses it, as scoring
+  does) on pre-made crops already in memory, same batch size, no decoding, no metrics, no I/O: the ceiling
+  scoring could reach on this machine.
 - end to end: `prf.score.score` on the BATCH (decode in DataLoader workers, crop, both models, metrics,
   verdicts, streamed Parquet, keep/reject lists).
 The ratio end-to-end / raw is the figure of merit (issue target >= 0.8). Results go to
@@ -36,12 +37,13 @@ def raw_forward_images_per_s(models: list[Path], batch_size: int, batches: int) 
     cams = torch.tensor([[200.0, 32.0, 32.0]]).repeat(batch_size, 1)
     with torch.inference_mode():
         for p in predictors:  # warm-up
-            run_regressor(p.net, p.body, crops[p.input_size], cams if p.projection == "perspective" else None)
+            cam = cams if p.projection == "perspective" else None
+            run_regressor(p.net, p.body, crops[p.input_size], cam, p.flip_test)
         started = time.perf_counter()
         for _ in range(batches):
             for p in predictors:
                 cam = cams if p.projection == "perspective" else None
-                run_regressor(p.net, p.body, crops[p.input_size], cam)
+                run_regressor(p.net, p.body, crops[p.input_size], cam, p.flip_test)
         elapsed = time.perf_counter() - started
     return batches * batch_size / elapsed
 

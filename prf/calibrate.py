@@ -8,9 +8,17 @@ Images that errored or have no label are left out.
 
 Search: each (model, metric) threshold is chosen among that metric's observed values (at most 256
 quantiles) by coordinate ascent: one threshold at a time is set to its best value with the others fixed,
-sweeping until nothing changes. It starts from thresholds that keep every scored image. Objectives:
+sweeping until nothing changes. Coordinate ascent is greedy, so it runs from several starts and keeps the
+best end point: thresholds that keep every image, and, for each (model, metric), that threshold alone at
+its best Matthews correlation. (A single start from "keep everything" locks into "reject everything" when
+that is the best first move, as it is for F1 whenever no one metric alone beats it: with 60% of the images
+failures, rejecting all scores F1 0.75. No later single coordinate can undo it; a start where one
+threshold already rejects the failures it sees lets the others add theirs.) Objectives:
 
-- default: the best F1 of the rejected images as a detector of failures (ties go to the looser threshold);
+- default ``f1``: the best F1 of the rejected images as a detector of failures (ties go to the looser
+  threshold);
+- ``mcc``: the best Matthews correlation between "rejected" and "failure"; unlike F1 it scores the
+  degenerate "reject everything" as 0, so prefer it when failures are a large share of the labels;
 - ``target_precision`` P: starting from the best-F1 thresholds, the loosest thresholds whose KEPT images
   are at least a share P faithful (precision of the kept set), i.e. the most faithful images kept subject
   to that precision. Coordinate ascent is greedy, not an exhaustive search over all combinations.
@@ -39,6 +47,7 @@ from prf.thresholds import METRICS, ModelThresholds, PCKThreshold, ThresholdsCon
 DEFAULT_METRICS = ("pa_mpjpe", "s_mpjpe", "pck")
 MAX_CANDIDATES = 256
 MAX_SWEEPS = 12
+OBJECTIVES = {"f1": "best F1 of rejects", "mcc": "best Matthews correlation of rejects with failures"}
 _TRUE = {"1", "keep", "true", "yes", "kept", "ok"}
 _FALSE = {"0", "reject", "false", "no", "rejected", "failure"}
 
@@ -159,8 +168,11 @@ def _quality(keep: np.ndarray, failure: np.ndarray) -> dict[str, np.ndarray]:
     )
     keep_precision = np.divide(kept_good, kept, out=np.zeros_like(tp), where=kept > 0)
     fpr = np.divide(fp, (~failure).sum(), out=np.zeros_like(tp), where=(~failure).sum() > 0)
+    tn = (keep & ~f).sum(0).astype(float)
+    denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    mcc = np.divide(tp * tn - fp * fn, denominator, out=np.zeros_like(tp), where=denominator > 0)
     return {"precision": precision, "recall": recall, "f1": f1, "keep_precision": keep_precision,
-            "kept": kept, "kept_good": kept_good, "fpr": fpr}  # fmt: skip
+            "kept": kept, "kept_good": kept_good, "fpr": fpr, "mcc": mcc}  # fmt: skip
 
 
 class _Search:
@@ -208,6 +220,27 @@ class _Search:
                     )
                 self.limits[keys[0]] = observed[-1]
 
+    def value(self, score: Any) -> tuple:
+        """The objective of the current thresholds."""
+        return tuple(score(_quality(self.keep()[:, None], self.failure))[0])
+
+    def run_multistart(self, score: Any) -> None:
+        """``run`` from every start in the module docstring; keep the limits of the best end point."""
+        starts = [dict(self.limits)]
+        for key, cands in self.candidates.items():
+            self.limits = {k: np.inf for k in self.bad}
+            mcc = _quality(self._keep_for(key), self.failure)["mcc"]
+            best = max(range(cands.size), key=lambda c: (mcc[c], c))
+            starts.append({**self.limits, key: cands[best]})
+        best_value, best_limits = None, starts[0]
+        for start in starts:
+            self.limits = dict(start)
+            self.run(score)
+            value = self.value(score)
+            if best_value is None or value > best_value:
+                best_value, best_limits = value, dict(self.limits)
+        self.limits = best_limits
+
     def run(self, score: Any) -> None:
         """Maximise ``score(quality dict) -> (C,) structured objective`` coordinate by coordinate."""
         for _ in range(MAX_SWEEPS):
@@ -248,6 +281,7 @@ def calibrate(
     out: str | os.PathLike[str] = "thresholds.yaml",
     plot: str | os.PathLike[str] | None = None,
     metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS,
+    objective: str = "f1",
 ) -> CalibrationResult:
     """Choose thresholds on SCORES + labels (module docstring), write ``out`` and the ROC / PR plot.
 
@@ -257,11 +291,14 @@ def calibrate(
         target_precision: None for best F1, else the share of kept images that must be faithful (0-1).
         out: thresholds.yaml to write (atomically); plot: PNG (default ``<out stem>.roc.png``).
         metrics: which metrics get thresholds (column suffixes: pa_mpjpe, s_mpjpe, pck, max_kp_error).
+        objective: "f1" or "mcc" (module docstring); the start for ``target_precision``.
     """
     scores, out = Path(scores), Path(out)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose from {list(OBJECTIVES)}")
     if target_precision is not None and not 0.0 < target_precision <= 1.0:
         raise ValueError(f"--target-precision is a share in (0, 1], got {target_precision}")
     if not scores.is_file():
@@ -280,8 +317,8 @@ def calibrate(
         )
     bad = {(n, m): _badness(table[f"{n}_{m}"].to_numpy(dtype=float), m) for n in names for m in metrics}
     search = _Search(bad, failure, source.combine)
-    search.run(lambda q: list(zip(q["f1"], q["kept"] > 0, q["kept"], strict=True)))
-    objective = "best F1 of rejects"
+    search.run_multistart(lambda q: list(zip(q[objective], q["kept"] > 0, q["kept"], strict=True)))
+    described = OBJECTIVES[objective]
     if target_precision is not None:
         goal = target_precision
         search.run(
@@ -290,13 +327,13 @@ def calibrate(
                 for p, g in zip(q["keep_precision"], q["kept_good"], strict=True)
             ]
         )
-        objective = f"kept images >= {goal:g} faithful"
+        described = f"kept images >= {goal:g} faithful"
     search.give_every_model_a_threshold()
     config = _to_config(search, source, list(metrics))
     final = {k: float(v[0]) for k, v in _quality(search.keep()[:, None], failure).items()}
     result = CalibrationResult(
         config=config,
-        objective=objective,
+        objective=described,
         labelled=int(failure.size),
         failures=int(failure.sum()),
         kept=int(final["kept"]),

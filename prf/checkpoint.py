@@ -4,8 +4,8 @@ An export (``<run>/export.pt``) is a dict holding only tensors, str, int, float,
 
     format, format_version   "prf-regressor-export", 1
     state_dict               the PoseRegressorNet's state dict (backbone + head)
-    net                      {arch, backbone, num_joints, num_betas, out_index, head_kwargs}: enough to
-                             rebuild the net with ``prf.models.heads.build_regressor_net``
+    net                      {arch, backbone, num_joints, num_betas, out_index, skip_index, head_kwargs}:
+                             enough to rebuild the net with ``prf.models.heads.build_regressor_net``
     arch, backbone           copies of net["arch"], net["backbone"]
     input_size, crop_scale   crop side S in pixels, box side / max(w, h)
     projection               "perspective" or "weak" (``prf.models.regressor.project_keypoints``)
@@ -181,6 +181,7 @@ def build_net_from_export(export: dict[str, Any]) -> nn.Module:
         int(spec["num_joints"]),
         int(spec["num_betas"]),
         out_index=int(spec["out_index"]),
+        skip_index=None if spec.get("skip_index") is None else int(spec["skip_index"]),
         **dict(spec.get("head_kwargs") or {}),
     )
     net.load_state_dict(export["state_dict"])

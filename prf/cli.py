@@ -224,6 +224,13 @@ def evaluate(
     smal: Annotated[Path | None, typer.Option(help="SMAL model the checkpoint was trained with.")] = None,
     family_data: Annotated[Path | None, typer.Option(help="SMAL shape-family data file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    flip_test: Annotated[
+        bool,
+        typer.Option(
+            help="Average detected keypoints over each crop and its mirror (as prf score does); "
+            "--no-flip-test gives the training validation's numbers."
+        ),
+    ] = True,
 ) -> None:
     """PA-MPJPE, S-MPJPE ("mm"), PCK@0.1 / 0.15 and the image count of a checkpoint on labelled data."""
     import json
@@ -233,7 +240,7 @@ def evaluate(
     from prf.evaluate import format_result
 
     body = SMAL.from_file(smal, family_data=family_data) if smal else None
-    result = run_evaluate(checkpoint, data, batch_size, limit, rows, body)
+    result = run_evaluate(checkpoint, data, batch_size, limit, rows, body, flip_test=flip_test)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

@@ -116,11 +116,14 @@ def calibrate(
         list[str] | None,
         typer.Option(help="Metrics to threshold (repeatable): pa_mpjpe, s_mpjpe, pck, max_kp_error."),
     ] = None,
+    objective: Annotated[
+        str, typer.Option(help="f1 (best F1 of rejects) or mcc (Matthews correlation, docs/thresholds.md).")
+    ] = "f1",
 ) -> None:
-    """Choose per-model thresholds from labelled images (best F1, or a target precision of the kept set)."""
+    """Choose per-model thresholds from labelled images (best F1 or MCC, or a kept-set precision)."""
     from prf.cli import friendly_errors
 
-    friendly_errors(_calibrate)(scores, labels, target_precision, out, plot, metric)
+    friendly_errors(_calibrate)(scores, labels, target_precision, out, plot, metric, objective)
 
 
 def _calibrate(
@@ -130,13 +133,16 @@ def _calibrate(
     out: Path,
     plot: Path | None,
     metric: list[str] | None,
+    objective: str,
 ) -> None:
     from rich.console import Console
 
     from prf.calibrate import DEFAULT_METRICS
     from prf.calibrate import calibrate as run_calibrate
 
-    result = run_calibrate(scores, labels, target_precision, out, plot, tuple(metric or DEFAULT_METRICS))
+    result = run_calibrate(
+        scores, labels, target_precision, out, plot, tuple(metric or DEFAULT_METRICS), objective
+    )
     console = Console()
     console.print(result.renderable())
     console.print(f"wrote {result.out} and {result.plot}")

@@ -31,6 +31,7 @@ def evaluate(
     smal: SMAL | None = None,
     num_workers: int = 0,
     device: str = "cpu",
+    flip_test: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate an export on a BATCH folder or an Animal3D-format JSON.
 
@@ -41,12 +42,16 @@ def evaluate(
         rows: for a BATCH, ``faithful`` (injected_failure == "none", default), ``failures`` or ``all``.
         smal: the body model (default built-in); must match the checkpoint's layout.
         num_workers: DataLoader workers; device: torch device.
+        flip_test: average detected keypoints over the crop and its mirror (default: on for heads with a
+            keypoint branch, as ``prf score`` does; False reproduces the training validation exactly).
     Returns:
-        {"pa_mpjpe": mm, "s_mpjpe": mm, "pck_0.1": share, "pck_0.15": share, "count": images evaluated,
+        {"pa_mpjpe": mm, "s_mpjpe": mm, "pck_0.1": share, "pck_0.15": share (of the model's 2D keypoints,
+         ``prf.predictor``), "pck_0.15_projected": share (of the projected SMAL keypoints),
+         "count": images evaluated,
          "count_3d": images with 3D targets, "checkpoint": name, "sha256": hex, "data": path, "rows": rows}.
     """
     body = smal if smal is not None else SMAL.builtin()
-    predictor = Predictor.from_checkpoint(checkpoint, smal=body, device=device)
+    predictor = Predictor.from_checkpoint(checkpoint, smal=body, device=device, flip_test=flip_test)
     entries = source_entries(data, body.num_joints, rows)
     if limit is not None:
         entries = entries[:limit]
@@ -56,7 +61,7 @@ def evaluate(
         entries, predictor.input_size, body.joint_names, body.num_betas, None, crop_scale=predictor.crop_scale
     )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    values: dict[str, list[torch.Tensor]] = {name: [] for name in VAL_METRICS}
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in (*VAL_METRICS, "pck_0.15_projected")}
     count_3d = 0
     with torch.no_grad():
         for batch in loader:
@@ -64,6 +69,9 @@ def evaluate(
             pred = {"keypoints_3d": prediction.keypoints_3d, "keypoints_2d": prediction.keypoints_2d}
             for name, per_sample in batch_metrics(pred, batch, predictor.input_size).items():
                 values[name].append(per_sample)
+            projected = {**pred, "keypoints_2d": prediction.keypoints_2d_projected}
+            projected_pck = batch_metrics(projected, batch, predictor.input_size)["pck_0.15"]
+            values["pck_0.15_projected"].append(projected_pck)
             count_3d += int((batch["has_3d"] > 0).sum())
     result: dict[str, Any] = {}
     for name, chunks in values.items():
@@ -77,6 +85,7 @@ def evaluate(
         sha256=predictor.sha256,
         data=str(Path(data)),
         rows=rows,
+        flip_test=predictor.flip_test,
     )
     return result
 
@@ -86,5 +95,6 @@ def format_result(result: dict[str, Any]) -> str:
     return (
         f"PA-MPJPE {result['pa_mpjpe']:.1f} mm  S-MPJPE {result['s_mpjpe']:.1f} mm  "
         f"PCK@0.1 {100 * result['pck_0.1']:.1f}%  PCK@0.15 {100 * result['pck_0.15']:.1f}%  "
+        f"(projected SMAL {100 * result.get('pck_0.15_projected', float('nan')):.1f}%)  "
         f"(n={result['count']})"
     )

@@ -21,6 +21,10 @@ Conventions (one definition, shared with training in ``prf.models.regressor.run_
   ``keypoints_2d_crop = (n + 1) * S / 2 - 0.5`` are crop pixels (pixel centres at integers, as cv2), i.e.
   ``(n + 1) / 2 * S`` from the crop's left/top edge; map them to image pixels with the inverse crop affine
   (``prf.geometry.invert_affine``).
+- Which 2D keypoints: a head with a keypoint branch (PARE with ``num_keypoints``, the default checkpoints)
+  reports its heatmaps' soft-argmax as ``keypoints_2d`` (what the network sees in the image); otherwise
+  ``keypoints_2d`` is the SMAL projection. ``keypoints_2d_projected`` is always the projection. Detected
+  keypoints are averaged over the crop and its mirror image (``flip_test``, on by default for such heads).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch import Tensor
 from prf.body.smal import SMAL
 from prf.checkpoint import build_net_from_export, check_layout, load_export, sha256_file
 from prf.data.transforms import crop_camera, crop_image, from_normalised, normalise_image
-from prf.models.regressor import keypoint_only_smal, run_regressor
+from prf.models.regressor import image_keypoints, keypoint_only_smal, run_regressor
 
 
 @dataclass
@@ -49,8 +53,9 @@ class Prediction:
         betas: (B, NB) shape coefficients.
         cam: (B, 3) weak-perspective [s, tx, ty].
         keypoints_3d: (B, 26, 3) metres, root-relative, camera-aligned.
-        keypoints_2d_crop: (B, 26, 2) crop pixels.
+        keypoints_2d_crop: (B, 26, 2) the model's 2D keypoints (module docstring), crop pixels.
         keypoints_2d: (B, 26, 2) the same in normalised crop coordinates [-1, 1].
+        keypoints_2d_projected: (B, 26, 2) the SMAL keypoints projected with ``cam``, normalised.
     """
 
     pose_rotmat: Tensor
@@ -59,6 +64,7 @@ class Prediction:
     keypoints_3d: Tensor
     keypoints_2d_crop: Tensor
     keypoints_2d: Tensor
+    keypoints_2d_projected: Tensor
 
     def __len__(self) -> int:
         return int(self.cam.shape[0])
@@ -72,6 +78,7 @@ class Predictor:
         sha256: hex digest of the checkpoint file; name: a short name (e.g. "synthetic-pare");
         projection: "perspective" (uses crop cameras when given) or "weak";
         stage, arch, backbone: from the export; export_metrics: its final validation metrics;
+        flip_test: whether detected keypoints are averaged with the mirrored crop's (module docstring);
         smal_layout: the layout it was trained for.
     """
 
@@ -83,6 +90,7 @@ class Predictor:
         sha256: str,
         name: str,
         device: str | torch.device = "cpu",
+        flip_test: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
@@ -99,13 +107,21 @@ class Predictor:
         self.projection = str(export.get("projection", "weak"))
         self.export_metrics: dict[str, float] = dict(export.get("metrics") or {})
         self.smal_layout: dict[str, Any] = dict(export["smal_layout"])
+        has_keypoints = bool(dict(export["net"].get("head_kwargs") or {}).get("num_keypoints"))
+        self.flip_test = has_keypoints if flip_test is None else bool(flip_test) and has_keypoints
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike[str], smal: SMAL | None = None, device: str | torch.device = "cpu"
+        cls,
+        path: str | os.PathLike[str],
+        smal: SMAL | None = None,
+        device: str | torch.device = "cpu",
+        flip_test: bool | None = None,
     ) -> Predictor:
         """Load an export (weights_only; sha256 checked when the ``.sha256`` sidecar exists), rebuild the
-        net, and pair it with ``smal`` (default: the built-in quadruped).
+        net, and pair it with ``smal`` (default: the built-in quadruped). ``flip_test`` (default: on for
+        heads with a keypoint branch) averages the detected keypoints over the crop and its mirror image
+        (``prf.models.regressor.run_regressor``).
 
         Raises:
             LayoutMismatchError: the checkpoint was trained for another SMAL layout (names both).
@@ -116,7 +132,7 @@ class Predictor:
         check_layout(export["smal_layout"], body_model.layout_signature(), f"checkpoint {path}")
         net = build_net_from_export(export)
         name = str(export.get("name") or path.stem)
-        return cls(net, keypoint_only_smal(body_model), export, sha256_file(path), name, device)
+        return cls(net, keypoint_only_smal(body_model), export, sha256_file(path), name, device, flip_test)
 
     def prepare(
         self, image: np.ndarray, bbox: np.ndarray | list[float], intrinsics: np.ndarray | None = None
@@ -148,12 +164,13 @@ class Predictor:
         for start in range(0, crops.shape[0], batch_size):
             chunk = crops[start : start + batch_size].to(self.device, torch.float32)
             cams = crop_cameras[start : start + batch_size].to(self.device) if use_cameras else None
-            out = run_regressor(self.net, self.body, chunk, cams)
+            out = run_regressor(self.net, self.body, chunk, cams, self.flip_test)
+            out["keypoints_2d_image"] = image_keypoints(out)
             parts.append(
                 {
                     k: v.cpu()
                     for k, v in out.items()
-                    if v is not None and k not in ("part_logits", "attention")
+                    if v is not None and k not in ("part_logits", "attention", "keypoints_2d_detected")
                 }
             )
         if not parts:
@@ -164,6 +181,7 @@ class Predictor:
             betas=merged["betas"],
             cam=merged["cam"],
             keypoints_3d=merged["keypoints_3d"],
-            keypoints_2d_crop=from_normalised(merged["keypoints_2d"], self.input_size),
-            keypoints_2d=merged["keypoints_2d"],
+            keypoints_2d_crop=from_normalised(merged["keypoints_2d_image"], self.input_size),
+            keypoints_2d=merged["keypoints_2d_image"],
+            keypoints_2d_projected=merged["keypoints_2d"],
         )

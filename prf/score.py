@@ -41,7 +41,7 @@ from prf.data.animal3d import SampleRef
 from prf.data.inputs import detect_input, iter_samples
 from prf.data.transforms import from_normalised
 from prf.models.heads import RegressorOutput
-from prf.models.regressor import run_regressor
+from prf.models.regressor import image_keypoints, run_regressor
 from prf.predictor import Predictor
 from prf.score_data import CropSpec, ScoreDataset, collate_items, worker_init
 from prf.score_io import (
@@ -125,7 +125,10 @@ class _AutocastNet:
     def __call__(self, images: Tensor) -> RegressorOutput:
         with torch.autocast("cuda", dtype=torch.float16):
             out = self.net(images)
-        return RegressorOutput(out.pose_rotmat.float(), out.betas.float(), out.cam.float())
+        keypoints = out.keypoints_2d.float() if out.keypoints_2d is not None else None
+        return RegressorOutput(
+            out.pose_rotmat.float(), out.betas.float(), out.cam.float(), keypoints_2d=keypoints
+        )
 
 
 def _image_pixels(keypoints_crop: Tensor, affines: Tensor) -> Tensor:
@@ -162,8 +165,10 @@ def _model_metrics(model: ScoringModel, rows: dict[str, Any], amp: bool) -> dict
     with torch.inference_mode():
         # a perspective-trained model projects through the crop's own pinhole camera (prf.predictor)
         crop_cam = rows["crop_cams"][model.crop_index] if predictor.projection == "perspective" else None
-        pred = run_regressor(net, predictor.body, rows["crops"][model.crop_index], crop_cam)
-        crop2d = from_normalised(pred["keypoints_2d"].to(dtype), predictor.input_size)
+        pred = run_regressor(
+            net, predictor.body, rows["crops"][model.crop_index], crop_cam, predictor.flip_test
+        )
+        crop2d = from_normalised(image_keypoints(pred).to(dtype), predictor.input_size)
         pred2d = _image_pixels(crop2d, rows["affines"][model.crop_index])
         target2d, visible = rows["keypoints_2d"][:, :, :2], rows["keypoints_2d"][:, :, 2] > 0
         pred3d = pred["keypoints_3d"].to(dtype) * 1000.0

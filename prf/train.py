@@ -62,11 +62,13 @@ class DataSection(_Section):
 
 
 class ModelSection(_Section):
-    """Network: head ``arch``, timm ``backbone`` at feature level ``out_index``, crop side ``input_size``."""
+    """Network: head ``arch``, timm ``backbone`` at feature level ``out_index`` (fused with the shallower
+    level ``skip_index`` when set), crop side ``input_size``."""
 
     arch: Literal["pare", "hmr"] = "pare"
     backbone: str = "resnet50"
     out_index: int = -1
+    skip_index: int | None = None
     pretrained_path: str | None = None
     input_size: int = Field(224, ge=16)
     projection: Literal["perspective", "weak"] = "perspective"
@@ -208,8 +210,13 @@ def _load_init(init: Path, net: torch.nn.Module, smal: SMAL, cfg: TrainConfig) -
     export = load_export(init)
     check_layout(export["smal_layout"], smal.layout_signature(), f"--init {init}")
     spec = export["net"]
-    mine = {"arch": cfg.model.arch, "backbone": cfg.model.backbone, "out_index": cfg.model.out_index}
-    theirs = {k: spec[k] for k in mine}
+    mine = {
+        "arch": cfg.model.arch,
+        "backbone": cfg.model.backbone,
+        "out_index": cfg.model.out_index,
+        "skip_index": cfg.model.skip_index,
+    }
+    theirs = {k: spec.get(k) for k in mine}
     if mine != theirs or dict(spec.get("head_kwargs") or {}) != plain(cfg.model.head):
         raise ValueError(
             f"--init {init} holds a {theirs} net with head {spec.get('head_kwargs')}, but this run builds "
@@ -277,6 +284,7 @@ def run_train(
         "num_joints": smal.num_joints,
         "num_betas": smal.num_betas,
         "out_index": cfg.model.out_index,
+        "skip_index": cfg.model.skip_index,
         "head_kwargs": plain(cfg.model.head),
     }
     net = build_regressor_net(
@@ -286,6 +294,7 @@ def run_train(
         smal.num_betas,
         pretrained_path=cfg.model.pretrained_path,
         out_index=cfg.model.out_index,
+        skip_index=cfg.model.skip_index,
         **cfg.model.head,
     )
     if init is not None:

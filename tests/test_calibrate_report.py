@@ -29,13 +29,13 @@ models:
 """
 
 
-def synthetic_scores(path: Path, n: int = 300, seed: int = 0) -> np.ndarray:
+def synthetic_scores(path: Path, n: int = 300, seed: int = 0, failure_rate: float = 0.3) -> np.ndarray:
     """A SCORES file whose failures are separable: half have a large A PA-MPJPE, half a low B PCK.
 
     Returns (n,) bool, True for a failure.
     """
     rng = np.random.default_rng(seed)
-    failure = rng.random(n) < 0.3
+    failure = rng.random(n) < failure_rate
     kind = rng.integers(0, 2, n)
     rows = []
     for i in range(n):
@@ -94,6 +94,26 @@ def test_calibrate_separates_a_labelled_table(tmp_path: Path) -> None:
     assert (apply_thresholds(tmp_path / "th.yaml", table) == ~failure).all()  # the file does what it says
     assert "prf calibrate" in (tmp_path / "th.yaml").read_text()
     assert result.plot == tmp_path / "th.roc.png" and cv2.imread(str(result.plot)) is not None
+
+
+@pytest.mark.parametrize("objective", ["f1", "mcc"])
+def test_calibrate_combines_metrics_when_rejecting_everything_looks_best_at_first(
+    tmp_path: Path, objective: str
+) -> None:
+    # 70% failures, half seen only by A's PA-MPJPE and half only by B's PCK: each metric alone reaches F1
+    # 0.67 but rejecting everything reaches 0.82, so a greedy search from "keep all" stops at "reject all".
+    scores = tmp_path / "scores.parquet"
+    failure = synthetic_scores(scores, seed=2, failure_rate=0.7)
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame(
+        {"image_id": [f"im{i:04d}" for i in range(len(failure))], "keep": (~failure).astype(int)}
+    ).to_csv(labels, index=False)
+    result = calibrate(scores, labels, out=tmp_path / "th.yaml", objective=objective)
+    # "reject all" would give F1 0.82; not exactly 1.0: the candidates are 256 quantiles of 301 values
+    assert result.f1 > 0.99 and result.precision > 0.99 and result.recall > 0.99
+    assert result.config.models["A"].pa_mpjpe_max is not None and result.config.models["B"].pck is not None
+    with pytest.raises(ValueError, match="unknown objective"):
+        calibrate(scores, labels, out=tmp_path / "x.yaml", objective="accuracy")
 
 
 def test_a_model_whose_metrics_do_not_help_keeps_one_loose_threshold(tmp_path: Path) -> None:

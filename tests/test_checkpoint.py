@@ -12,6 +12,7 @@ import torch
 
 from generation.run import run_generate
 from prf.body.builtin import build_quadruped
+from prf.body.layout import KEYPOINT_FLIP
 from prf.body.smal import SMAL
 from prf.checkpoint import ChecksumError, LayoutMismatchError, load_export, save_export, sha256_file
 from prf.data.datamodule import RegressorDataset, source_entries
@@ -22,7 +23,8 @@ from prf.models.regressor import RegressorModule, batch_metrics
 from prf.predictor import Predictor
 
 SIZE = 48
-HEAD = {"hidden": 32, "num_part_channels": 16, "feature_channels": 8, "pose_hidden": 8}
+# The default checkpoints' shape: a keypoint branch and the stride-8 level fused in.
+HEAD = {"hidden": 32, "num_part_channels": 16, "feature_channels": 8, "pose_hidden": 8, "num_keypoints": 26}
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +36,15 @@ def smal() -> SMAL:
 def exported(smal: SMAL, tmp_path_factory: pytest.TempPathFactory) -> tuple[RegressorModule, Path]:
     """A tiny PARE module with non-trivial weights, exported the way ``run_train`` does."""
     torch.manual_seed(0)
-    net = build_regressor_net("pare", "regnetx_002", smal.num_joints, smal.num_betas, out_index=-2, **HEAD)
+    net = build_regressor_net(
+        "pare", "regnetx_002", smal.num_joints, smal.num_betas, out_index=-2, skip_index=-3, **HEAD
+    )
     with torch.no_grad():
         for p in net.head.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     module = RegressorModule(net, smal, input_size=SIZE).eval()
     spec = {"arch": "pare", "backbone": "regnetx_002", "num_joints": smal.num_joints}
-    spec.update(num_betas=smal.num_betas, out_index=-2, head_kwargs=HEAD)
+    spec.update(num_betas=smal.num_betas, out_index=-2, skip_index=-3, head_kwargs=HEAD)
     path = save_export(
         tmp_path_factory.mktemp("export") / "export.pt",
         module.net,
@@ -71,9 +75,27 @@ def test_export_loads_with_weights_only_and_carries_its_metadata(exported: tuple
     assert path.stat().st_size < 10 * 2**20
 
 
-def test_round_trip_gives_the_modules_predictions(exported: tuple, smal: SMAL) -> None:
+def test_flip_test_averages_the_mirrored_crops_keypoints(exported: tuple) -> None:
     module, path = exported
     predictor = Predictor.from_checkpoint(path)
+    assert predictor.flip_test  # on by default for a head with a keypoint branch
+    crops = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        plain = module(crops)["keypoints_2d_detected"]
+        mirrored = module(crops.flip(-1))["keypoints_2d_detected"][:, list(KEYPOINT_FLIP)]
+    mirrored[..., 0] = -mirrored[..., 0]
+    got = predictor.predict(crops).keypoints_2d
+    assert torch.allclose(got, (plain + mirrored) / 2, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    # a left-right symmetric input gives a mirror-symmetric answer
+    symmetric = torch.cat([crops[..., : SIZE // 2], crops[..., : SIZE // 2].flip(-1)], dim=-1)
+    sym = predictor.predict(symmetric).keypoints_2d
+    assert torch.allclose(sym[:, list(KEYPOINT_FLIP), 0], -sym[..., 0], atol=1e-5)
+
+
+def test_round_trip_gives_the_modules_predictions(exported: tuple, smal: SMAL) -> None:
+    module, path = exported
+    predictor = Predictor.from_checkpoint(path, flip_test=False)
     assert (predictor.input_size, predictor.name, predictor.projection) == (
         SIZE,
         "synthetic-pare",
@@ -88,8 +110,12 @@ def test_round_trip_gives_the_modules_predictions(exported: tuple, smal: SMAL) -
     assert torch.allclose(got.pose_rotmat, expected["pose"], atol=1e-5)
     assert torch.allclose(got.betas, expected["betas"], atol=1e-5)
     assert torch.allclose(got.keypoints_3d, expected["keypoints_3d"], atol=1e-5)
-    assert torch.allclose(got.keypoints_2d, expected["keypoints_2d"], atol=1e-5)
-    assert torch.allclose(got.keypoints_2d_crop, (expected["keypoints_2d"] + 1) * SIZE / 2 - 0.5, atol=1e-4)
+    # the model's 2D keypoints are its heatmaps'; the SMAL projection is kept beside them
+    assert torch.allclose(got.keypoints_2d, expected["keypoints_2d_detected"], atol=1e-5)
+    assert torch.allclose(got.keypoints_2d_projected, expected["keypoints_2d"], atol=1e-5)
+    assert not torch.allclose(got.keypoints_2d, got.keypoints_2d_projected, atol=1e-3)
+    detected = expected["keypoints_2d_detected"]
+    assert torch.allclose(got.keypoints_2d_crop, (detected + 1) * SIZE / 2 - 0.5, atol=1e-4)
     assert got.keypoints_3d.shape == (5, 26, 3) and len(got) == 5
     with pytest.raises(ValueError, match=r"\(B, 3, 48, 48\)"):
         predictor.predict(torch.zeros(2, 3, 32, 32))
@@ -137,12 +163,12 @@ def test_evaluate_on_a_tiny_batch(exported: tuple, smal: SMAL, tmp_path: Path) -
     module, path = exported
     batch = tmp_path / "batch"
     run_generate(batch, {"n": 6, "seed": 11, "image_size": 64, "inject_failures": 0.3}, workers=1, quiet=True)
-    result = evaluate(path, batch, batch_size=4)
+    result = evaluate(path, batch, batch_size=4, flip_test=False)
     faithful = source_entries(batch, smal.num_joints, "faithful")
     assert result["count"] == len(faithful) == result["count_3d"]
     assert 0.0 <= result["pck_0.15"] <= 1.0 and result["pa_mpjpe"] > 0
     assert evaluate(path, batch, rows="all")["count"] == 6
-    assert "PCK@0.15" in format_result(result)
+    assert "PCK@0.15" in format_result(result) and 0.0 <= result["pck_0.15_projected"] <= 1.0
     # evaluate's numbers are the module's own validation metrics on the same crops.
     dataset = RegressorDataset(faithful, SIZE, smal.joint_names, smal.num_betas)
     items = [dataset[i] for i in range(len(dataset))]

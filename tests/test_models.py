@@ -12,7 +12,7 @@ import torch
 from prf.models.backbone import Backbone, build_backbone
 from prf.models.heads import HEAD_REGISTRY, PoseRegressorNet, RegressorOutput, build_head, build_regressor_net
 from prf.models.hmr import HMRHead
-from prf.models.pare import PAREHead
+from prf.models.pare import PAREHead, soft_argmax
 from prf.models.rotation import IDENTITY_6D, rotmat_to_sixd, sixd_to_rotmat
 
 TINY = "regnetx_002"  # stride-16 level: 152 channels, 4 x 4 at 64 px
@@ -95,6 +95,23 @@ def test_pare_attention_is_spatial_softmax_of_joint_channels() -> None:
     no_bg = PAREHead(152, num_joints=35, num_betas=6, use_background=False, upsample=0, **TINY_PARE).eval()
     with torch.no_grad():
         assert no_bg(torch.randn(1, 152, 5, 6)).part_logits.shape == (1, 35, 5, 6)
+
+
+def test_pare_keypoint_branch_is_the_soft_argmax_of_its_heatmaps() -> None:
+    head = PAREHead(152, num_joints=35, num_betas=6, num_keypoints=26, **TINY_PARE).eval()
+    with torch.no_grad():
+        out = head(torch.randn(2, 152, 4, 4))
+    assert out.keypoint_heatmaps.shape == (2, 26, 8, 8) and out.keypoints_2d.shape == (2, 26, 2)
+    assert torch.allclose(out.keypoint_heatmaps.sum(dim=(2, 3)), torch.ones(2, 26), atol=1e-5)
+    assert out.keypoints_2d.abs().max() < 1.0  # an expectation over cell centres stays inside the crop
+    # a peaked map lands on its cell's centre: row 2, col 5 of 8 x 8 -> x = 5.5 / 4 - 1, y = 2.5 / 4 - 1
+    logits = torch.full((1, 1, 8, 8), -1e4)
+    logits[0, 0, 2, 5] = 0.0
+    _, position = soft_argmax(logits)
+    assert torch.allclose(position, torch.tensor([[[5.5 / 4 - 1, 2.5 / 4 - 1]]]))
+    assert PAREHead(152, 35, 6, **TINY_PARE)(torch.randn(1, 152, 4, 4)).keypoints_2d is None  # off by default
+    with pytest.raises(ValueError, match="num_keypoints"):
+        PAREHead(152, 35, 6, num_keypoints=-1, **TINY_PARE)
 
 
 @pytest.mark.parametrize("pose_hidden", [8, 0])
@@ -201,6 +218,16 @@ def test_backbone_reports_channels_and_reduction_of_a_real_forward(name: str, ou
     assert features.shape[1] == backbone.out_channels
     assert features.shape[2:] == (64 // backbone.reduction, 96 // backbone.reduction)
     assert len(backbone.input_mean) == 3 and len(backbone.input_std) == 3
+
+
+def test_backbone_fuses_a_shallower_level_at_its_resolution() -> None:
+    deep, fused = build_backbone(TINY, out_index=-2), build_backbone(TINY, out_index=-2, skip_index=-3)
+    features = fused(torch.randn(2, 3, 64, 96))
+    assert fused.reduction == deep.reduction // 2 == 8
+    assert fused.out_channels == deep.out_channels + build_backbone(TINY, out_index=-3).out_channels
+    assert features.shape == (2, fused.out_channels, 8, 12)
+    with pytest.raises(ValueError, match="shallower level"):
+        build_backbone(TINY, out_index=-3, skip_index=-2)
 
 
 def test_backbone_factory_errors() -> None:

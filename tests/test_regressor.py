@@ -33,6 +33,13 @@ from prf.models.regressor import (
 SIZE = 64
 TINY_HEADS = {
     "pare": {"hidden": 32, "num_part_channels": 16, "feature_channels": 8, "pose_hidden": 8},
+    "pare_keypoints": {
+        "hidden": 32,
+        "num_part_channels": 16,
+        "feature_channels": 8,
+        "pose_hidden": 8,
+        "num_keypoints": 26,
+    },
     "hmr": {"hidden": 32},
 }
 
@@ -49,7 +56,7 @@ def smal() -> SMAL:
 
 def _module(smal: SMAL, arch: str) -> RegressorModule:
     net = build_regressor_net(
-        arch, "regnetx_002", smal.num_joints, smal.num_betas, out_index=-2, **TINY_HEADS[arch]
+        arch.split("_")[0], "regnetx_002", smal.num_joints, smal.num_betas, out_index=-2, **TINY_HEADS[arch]
     )
     return RegressorModule(net, smal, LossConfig(), OptimConfig(), input_size=SIZE)
 
@@ -135,12 +142,15 @@ def test_perspective_projection_reduces_to_weak_perspective_far_away() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-@pytest.mark.parametrize("arch", ["pare", "hmr"])
+@pytest.mark.parametrize("arch", ["pare", "pare_keypoints", "hmr"])
 def test_shared_step_trains_and_logs_metrics(smal: SMAL, arch: str) -> None:
     module = _module(smal, arch)
     batch = _batch(smal)
     loss = module.training_step(batch, 0)
     assert torch.isfinite(loss)
+    pred = module(batch["image"], batch.get("crop_cam"))
+    _, terms = module.criterion(pred, batch)
+    assert ("keypoints_detected" in terms) == (arch == "pare_keypoints")
     loss.backward()
     grads = [p.grad for p in module.net.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

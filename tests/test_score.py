@@ -137,7 +137,7 @@ def test_an_exact_prediction_scores_perfectly_and_one_moved_leg_is_caught(
     size = np.sqrt(batch["mask_area"].numpy())[:, None]
     moved = {}
 
-    def oracle(net, body, crops, crop_cam=None):
+    def oracle(net, body, crops, crop_cam=None, flip_test=False):
         k = [spec.size for spec in specs].index(crops.shape[-1])
         image = target.copy()
         for index, offset in moved.items():

@@ -25,6 +25,7 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -49,23 +50,31 @@ class LoadReport:
 class Backbone(nn.Module):
     """A timm features model returning one feature map.
 
+    With ``skip_index`` the map is a two-level fusion (a minimal FPN, as in Simple Baselines / HRNet heads):
+    the ``out_index`` level upsampled bilinearly to the ``skip_index`` level's size and concatenated with it.
+    It keeps the deep level's context (which side of the animal a leg is on) at the shallower level's
+    resolution, which is what 2D keypoint precision needs on small crops.
+
     Attributes:
         name: timm model name.
         out_index: the feature level asked for (negative counts from the deepest level).
-        out_channels: C of the returned map (from timm's ``feature_info``).
+        skip_index: a shallower level fused in, or None.
+        out_channels: C of the returned map (from timm's ``feature_info``; the sum of both levels when fused).
         reduction: stride of the returned map w.r.t. the input (pixels per feature cell).
         input_mean, input_std: per-channel RGB normalisation the backbone expects (inputs in [0, 1]
             are normalised as ``(x - mean) / std``).
         load_report: set when local weights were loaded, else None.
     """
 
-    def __init__(self, body: nn.Module, name: str, out_index: int) -> None:
+    def __init__(self, body: nn.Module, name: str, out_index: int, skip_index: int | None = None) -> None:
         super().__init__()
         self.body = body
         self.name = name
         self.out_index = out_index
-        self.out_channels: int = int(body.feature_info.channels()[-1])
-        self.reduction: int = int(body.feature_info.reduction()[-1])
+        self.skip_index = skip_index
+        channels = body.feature_info.channels()
+        self.out_channels: int = int(sum(channels) if skip_index is not None else channels[-1])
+        self.reduction: int = int(body.feature_info.reduction()[0 if skip_index is not None else -1])
         cfg = getattr(body, "pretrained_cfg", None) or {}
         self.input_mean: tuple[float, ...] = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
         self.input_std: tuple[float, ...] = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
@@ -75,7 +84,12 @@ class Backbone(nn.Module):
         """(B, 3, H, W) normalised images -> (B, C, h, w) features."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        return self.body(images)[-1]
+        levels = self.body(images)
+        if self.skip_index is None:
+            return levels[-1]
+        shallow, deep = levels[0], levels[-1]
+        deep = F.interpolate(deep, size=shallow.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([shallow, deep], dim=1)
 
 
 def build_backbone(
@@ -83,6 +97,7 @@ def build_backbone(
     pretrained_path: str | Path | None = None,
     out_index: int = -1,
     strict: bool = True,
+    skip_index: int | None = None,
     **kwargs,
 ) -> Backbone:
     """Build a timm ``features_only`` backbone returning the feature level ``out_index``.
@@ -93,6 +108,7 @@ def build_backbone(
             (classifier keys are ignored), a features-model / ``Backbone`` state dict, or a checkpoint dict
             holding one under "state_dict" or "model". Never downloaded.
         out_index: feature level (index into timm's ``feature_info``; -1 deepest, -2 one stride less, ...).
+        skip_index: optional shallower level fused with ``out_index`` (see ``Backbone``), e.g. -3 with -2.
         strict: if True, weights missing from the file are an error; if False they are logged and keep
             their random initialisation.
         **kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
@@ -103,26 +119,33 @@ def build_backbone(
     for reserved in ("features_only", "out_indices"):
         if reserved in kwargs:
             raise ValueError(f"{reserved!r} is set by build_backbone; choose the level with out_index")
+    levels = _num_levels(name, **kwargs)
+    indices = [out_index] if skip_index is None else [skip_index, out_index]
+    for index in indices:
+        if not -levels <= index < levels:
+            raise ValueError(
+                f"feature level {index} is out of range for {name!r}, which has {levels} feature levels "
+                f"(use 0..{levels - 1} or -{levels}..-1)"
+            )
+    if skip_index is not None and skip_index % levels >= out_index % levels:
+        raise ValueError(f"skip_index={skip_index} must be a shallower level than out_index={out_index}")
+    body = timm.create_model(name, features_only=True, pretrained=False, out_indices=tuple(indices), **kwargs)
+    backbone = Backbone(body, name=name, out_index=out_index, skip_index=skip_index)
+    if pretrained_path is not None:
+        backbone.load_report = load_backbone_weights(backbone, pretrained_path, strict=strict)
+    return backbone
+
+
+def _num_levels(name: str, **kwargs) -> int:
+    """Number of feature levels timm's features model of ``name`` has (a clear error for unknown names)."""
     try:
-        body = timm.create_model(
-            name, features_only=True, pretrained=False, out_indices=(out_index,), **kwargs
-        )
+        return len(timm.create_model(name, features_only=True, pretrained=False, **kwargs).feature_info)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(
                 f"timm has no model named {name!r}; list candidates with timm.list_models('*{name[:6]}*')"
             ) from err
         raise
-    except IndexError as err:
-        levels = len(timm.create_model(name, features_only=True, pretrained=False, **kwargs).feature_info)
-        raise ValueError(
-            f"out_index={out_index} is out of range for {name!r}, which has {levels} feature levels "
-            f"(use 0..{levels - 1} or -{levels}..-1)"
-        ) from err
-    backbone = Backbone(body, name=name, out_index=out_index)
-    if pretrained_path is not None:
-        backbone.load_report = load_backbone_weights(backbone, pretrained_path, strict=strict)
-    return backbone
 
 
 def load_backbone_weights(backbone: Backbone, path: str | Path, strict: bool = True) -> LoadReport:

@@ -33,6 +33,10 @@ class RegressorOutput:
         part_logits: (B, P, h', w') part-segmentation logits (channel 0 = background when there is one,
             then one channel per joint), or None for heads without a part branch.
         attention: (B, J, h', w') per-joint spatial attention (sums to 1 over h' x w'), or None.
+        keypoint_heatmaps: (B, K, h', w') per-keypoint spatial softmax, or None for heads without a keypoint
+            branch.
+        keypoints_2d: (B, K, 2) the heatmaps' expected positions (soft-argmax), normalised crop coordinates,
+            or None: the 2D keypoints the network sees in the image, independent of the SMAL fit.
     """
 
     pose_rotmat: torch.Tensor
@@ -40,6 +44,8 @@ class RegressorOutput:
     cam: torch.Tensor
     part_logits: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    keypoint_heatmaps: torch.Tensor | None = None
+    keypoints_2d: torch.Tensor | None = None
 
 
 def checked_buffer(value: torch.Tensor | None, shape: tuple[int, ...], default: torch.Tensor) -> torch.Tensor:
@@ -107,14 +113,17 @@ def build_regressor_net(
     num_betas: int,
     pretrained_path: str | Path | None = None,
     out_index: int = -1,
+    skip_index: int | None = None,
     **head_kwargs,
 ) -> PoseRegressorNet:
     """Build backbone ``backbone`` (timm name) and head ``arch`` ("pare" / "hmr") sized from its channels.
 
-    ``out_index`` picks the backbone's feature level (see ``build_backbone``); ``head_kwargs`` go to the
-    head's constructor.
+    ``out_index`` picks the backbone's feature level and ``skip_index`` an optional shallower level fused
+    with it (see ``build_backbone``); ``head_kwargs`` go to the head's constructor.
     """
-    body: Backbone = build_backbone(backbone, pretrained_path=pretrained_path, out_index=out_index)
+    body: Backbone = build_backbone(
+        backbone, pretrained_path=pretrained_path, out_index=out_index, skip_index=skip_index
+    )
     head = build_head(
         arch, in_channels=body.out_channels, num_joints=num_joints, num_betas=num_betas, **head_kwargs
     )

@@ -33,6 +33,7 @@ class LossConfig(BaseModel):
     parts: float = Field(0.1, ge=0.0)
     joint_attention: float = Field(1.0, ge=0.0)
     cam_prior: float = Field(1.0, ge=0.0)
+    keypoints_detected: float = Field(2.0, ge=0.0)
 
 
 def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
@@ -163,9 +164,9 @@ class RegressorLoss(nn.Module):
     """Weighted sum of the terms above.
 
     ``forward(pred, batch)`` takes the regressor's outputs (``pose``, ``betas``, ``cam``, ``part_logits``,
-    ``attention``, ``keypoints_3d``, ``keypoints_2d``) and a data batch (``prf.data.datamodule`` item keys,
-    plus ``joints_2d`` (B, J, 2) / ``joints_2d_ok`` (B,) for the attention term) and returns
-    (total, {term: value}) with unweighted term values (detached) for logging.
+    ``attention``, ``keypoints_3d``, ``keypoints_2d``, optionally ``keypoints_2d_detected``) and a data
+    batch (``prf.data.datamodule`` item keys, plus ``joints_2d`` (B, J, 2) / ``joints_2d_ok`` (B,) for the
+    attention term) and returns (total, {term: value}) with unweighted term values (detached) for logging.
     """
 
     def __init__(self, config: LossConfig, joint_names: Sequence[str]) -> None:
@@ -186,6 +187,10 @@ class RegressorLoss(nn.Module):
             "betas": betas_loss(pred["betas"], batch["betas"], has_3d),
             "cam_prior": cam_prior_loss(pred["cam"]),
         }
+        if pred.get("keypoints_2d_detected") is not None and c.keypoints_detected > 0:
+            terms["keypoints_detected"] = keypoint_2d_loss(
+                pred["keypoints_2d_detected"], batch["kp2d"], batch["vis"]
+            )
         if pred.get("attention") is not None and "joints_2d" in batch and c.joint_attention > 0:
             terms["joint_attention"] = joint_attention_loss(
                 pred["attention"], batch["joints_2d"], batch["joints_2d_ok"] * has_3d

@@ -11,6 +11,9 @@ Data flow:
     attention x feats -> per-joint features (B, J, C3)
         -> per-joint MLP (weights not shared) -> 6D (B, J, 6) -> Gram-Schmidt -> pose (B, J, 3, 3)
         -> flatten (B, J * C3) -> MLPs -> betas (B, NB), cam (B, 3)
+    part branch trunk -> 1x1 conv -> keypoint logits (B, K, h', w') -> softmax -> soft-argmax -> (B, K, 2)
+        (only with ``num_keypoints`` > 0; PARE's 2D keypoint output, trained with an L1 on the visible
+        keypoints: the image evidence PRF's PCK compares with the annotation)
 """
 
 from __future__ import annotations
@@ -67,6 +70,17 @@ def _branch(in_channels: int, width: int, out_channels: int, num_convs: int, ups
     return nn.Sequential(*layers)
 
 
+def soft_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, h, w) logits -> spatial softmax (B, K, h, w) and its expected position (B, K, 2) [x, y] in
+    normalised coordinates (cell i's centre at (i + 0.5) * 2 / w - 1, the convention of the crops)."""
+    B, K, h, w = logits.shape
+    heatmaps = F.softmax(logits.reshape(B, K, h * w), dim=-1).reshape(B, K, h, w)
+    xs = (torch.arange(w, device=logits.device, dtype=logits.dtype) + 0.5) * (2.0 / w) - 1.0
+    ys = (torch.arange(h, device=logits.device, dtype=logits.dtype) + 0.5) * (2.0 / h) - 1.0
+    position = torch.stack([(heatmaps.sum(dim=2) * xs).sum(-1), (heatmaps.sum(dim=3) * ys).sum(-1)], dim=-1)
+    return heatmaps, position
+
+
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     """Linear -> ReLU -> Linear, the last layer initialised small so the output starts near its bias."""
     last = nn.Linear(hidden, out_features)
@@ -93,6 +107,7 @@ class PAREHead(nn.Module):
         init_cam_scale: weak-perspective scale s at initialisation (s = softplus(raw), so always > 0).
         mean_pose_6d: (J, 6) pose the head starts from (default identity rotations).
         mean_betas: (NB,) shape the head starts from (default zeros, the mean shape).
+        num_keypoints: K > 0 adds a 2D keypoint heatmap output on the part branch's trunk (0: none).
     """
 
     def __init__(
@@ -110,10 +125,13 @@ class PAREHead(nn.Module):
         init_cam_scale: float = DEFAULT_CAM_SCALE,
         mean_pose_6d: torch.Tensor | None = None,
         mean_betas: torch.Tensor | None = None,
+        num_keypoints: int = 0,
     ) -> None:
         super().__init__()
         if num_convs < 1 or upsample < 0:
             raise ValueError(f"need num_convs >= 1 and upsample >= 0, got {num_convs} and {upsample}")
+        if num_keypoints < 0:
+            raise ValueError(f"num_keypoints must be >= 0, got {num_keypoints}")
         if init_cam_scale <= 0:
             raise ValueError(f"init_cam_scale must be > 0, got {init_cam_scale}")
         self.num_joints = num_joints
@@ -121,6 +139,7 @@ class PAREHead(nn.Module):
         self.use_background = use_background
         num_parts = num_joints + int(use_background)
         self.part_branch = _branch(in_channels, num_part_channels, num_parts, num_convs, upsample)
+        self.keypoint_layer = nn.Conv2d(num_part_channels, num_keypoints, 1) if num_keypoints else None
         self.feature_branch = _branch(in_channels, num_part_channels, feature_channels, num_convs, upsample)
         if pose_hidden > 0:
             last = LocallyConnected(num_joints, pose_hidden, 6, gain=_SMALL_INIT_GAIN)
@@ -145,7 +164,11 @@ class PAREHead(nn.Module):
         """(B, C, h, w) backbone features -> RegressorOutput with part_logits and attention."""
         if features.dim() != 4:
             raise ValueError(f"expected features of shape (B, C, h, w), got {tuple(features.shape)}")
-        part_logits = self.part_branch(features)  # (B, P, h', w')
+        trunk = self.part_branch[:-1](features)  # (B, num_part_channels, h', w')
+        part_logits = self.part_branch[-1](trunk)  # (B, P, h', w')
+        heatmaps = keypoints_2d = None
+        if self.keypoint_layer is not None:
+            heatmaps, keypoints_2d = soft_argmax(self.keypoint_layer(trunk))  # (B, K, h', w'), (B, K, 2)
         feats = self.feature_branch(features)  # (B, C3, h', w')
         joint_logits = part_logits[:, 1:] if self.use_background else part_logits
         B, J, h, w = joint_logits.shape
@@ -162,4 +185,6 @@ class PAREHead(nn.Module):
             cam=cam,
             part_logits=part_logits,
             attention=attention.reshape(B, J, h, w),
+            keypoint_heatmaps=heatmaps,
+            keypoints_2d=keypoints_2d,
         )
