@@ -158,7 +158,9 @@ class PartStore:
             self.out.with_name(f".{self.out.name}.merge.tmp").unlink(missing_ok=True)
             for stale in self.dir.glob(".run.json.*.tmp"):
                 stale.unlink(missing_ok=True)
-        if old is None:
+        if old is None and self.rank in (None, 0):
+            # one writer: rank 0 clears other writers' half-written run.json above, so a rank > 0 writing
+            # its own copy at the same time could lose its temporary file mid-rename
             atomic_write_json(self.run_file, provenance)
 
     def write(self, rows: list[dict[str, Any]], schema: pa.Schema) -> Path:

@@ -223,9 +223,11 @@ class BatchWriter:
         new_meta = {"format": BATCH_FORMAT, "format_version": BATCH_FORMAT_VERSION, **new_meta}
         new_meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         self._prepare_root(overwrite)
+        # batch.json first, then the subfolders: a concurrent writer (another shard, `prf generate
+        # --devices`) that finds the folder non-empty must also find batch.json in it.
+        self.metadata = self._claim_metadata(new_meta)
         for sub in SUBDIRS:
             (self.root / sub).mkdir(exist_ok=True)
-        self.metadata = self._claim_metadata(new_meta)
 
     def _prepare_root(self, overwrite: bool) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -234,7 +236,8 @@ class BatchWriter:
             self.root.mkdir(parents=True)
             return
         is_batch = (self.root / METADATA_FILE).exists() or (self.root / MANIFEST_FILE).exists()
-        if not is_batch and any(self.root.iterdir()):
+        claiming = f".{METADATA_FILE}.new."  # another writer's batch.json on its way in (_claim_metadata)
+        if not is_batch and any(not p.name.startswith(claiming) for p in self.root.iterdir()):
             raise NotABatchError(
                 f"cannot write a batch to {self.root}: the folder is not empty and has no {METADATA_FILE}; "
                 "choose an empty or new folder"
