@@ -361,16 +361,17 @@ def crop_grid_theta(A: Tensor, image_hw: tuple[int, int], out_size: int) -> Tens
 
 
 # --------------------------------------------------------------------------------------------- rotations
-def rotation_6d_to_matrix(x: Tensor) -> Tensor:
+def rotation_6d_to_matrix(x: Tensor, epsilon: float = 1e-8) -> Tensor:
     """6D rotation (Zhou et al. 2019, SPIN/PARE layout) -> rotation matrix by Gram-Schmidt.
 
     The 6 numbers are the first two columns of R read row by row, i.e. x.reshape(..., 3, 2) holds the
     columns a1, a2; R = [b1, b2, b1 x b2] with b1 = a1 / |a1| and b2 the normalised part of a2 orthogonal to
-    b1 (roma.special_gramschmidt). (..., 6) -> (..., 3, 3).
+    b1 (roma.special_gramschmidt; ``epsilon`` keeps the normalisations finite for a near-zero column, as the
+    regressor heads need early in training). (..., 6) -> (..., 3, 3).
     """
     if x.shape[-1] != 6:
         raise ValueError(f"6D rotations must have shape (..., 6), got {tuple(x.shape)}")
-    return roma.special_gramschmidt(x.reshape(*x.shape[:-1], 3, 2))
+    return roma.special_gramschmidt(x.reshape(*x.shape[:-1], 3, 2), epsilon=epsilon)
 
 
 def matrix_to_rotation_6d(R: Tensor) -> Tensor:
