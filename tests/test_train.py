@@ -111,10 +111,13 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"key\.sub=value"):
         parse_overrides(["optim.lr"])
     for stage in ("synthetic", "pretrain", "finetune"):
-        assert load_train_config(stage).model.backbone == "regnetx_002"
+        default = load_train_config(stage)
+        assert default.model.backbone == "regnetx_002" and default.model.skip_index == -3
         paper = Path(__file__).resolve().parents[1] / "prf" / "configs" / f"train_paper_{stage}.yaml"
         cfg = load_train_config(stage, paper)
         assert cfg.model.input_size == 224 and cfg.model.backbone in ("resnet50", "hrnet_w32")
+        # every packaged PARE config predicts the 26 keypoints PCK is computed on
+        assert default.model.head["num_keypoints"] == cfg.model.head["num_keypoints"] == 26
 
 
 def test_datamodule_split_is_seeded_and_uses_faithful_rows(data: dict[str, Path]) -> None:

@@ -127,7 +127,8 @@ def run_regressor(
     ``flip_test``: also run the mirrored crops and average the detected keypoints with the mirrored
     prediction mapped back (x negated, left/right keypoints swapped): test-time flip augmentation, about
     +1.5 PCK@0.15 points for the default model A at twice the network cost. The SMAL outputs are the
-    unflipped pass's. No effect on heads without a keypoint branch.
+    unflipped pass's. No effect on heads without a keypoint branch (or with other than the 26 keypoints,
+    whose mirror pairs are unknown).
 
     Returns a dict: ``pose`` (B, J, 3, 3), ``betas`` (B, NB), ``cam`` (B, 3) [s, tx, ty], ``part_logits``
     (B, P, h, w) or None, ``attention`` (B, J, h, w) or None, ``keypoints_3d`` (B, K, 3) metres root-relative
@@ -139,7 +140,7 @@ def run_regressor(
     posed = body(betas=out.betas, pose=out.pose_rotmat)
     keypoints_3d = posed.keypoints - posed.joints[:, :1]
     detected = out.keypoints_2d
-    if flip_test and detected is not None:
+    if flip_test and detected is not None and detected.shape[1] == len(KEYPOINT_FLIP):
         mirrored = net(images.flip(-1)).keypoints_2d[:, list(KEYPOINT_FLIP)]
         detected = (detected + mirrored * mirrored.new_tensor([-1.0, 1.0])) / 2.0
     return {
