@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,7 @@ from benchmarks.filter_quality import (  # noqa: E402
     run_kcf_filter,
     run_prf,
 )
+from prf.data.io import atomic_write_json  # noqa: E402
 
 TRAIN_OFFSET = 20_000
 EVAL_OFFSET = 30_000
@@ -129,6 +131,39 @@ def run_seed(
     }  # fmt: skip
 
 
+def _run_key(settings: SegSettings, setup: FilterSetup, pretrained: Path | None) -> dict[str, Any]:
+    """What a seed's result depends on besides the seed: settings, filter setup, and the bytes of the
+    thresholds file and of the checkpoints (the default ones when ``setup.models`` is None)."""
+    from prf.checkpoint import sha256_file
+
+    models = setup.models or sorted((ROOT / "checkpoints").glob("prf_model_*.pt"))
+    files = [setup.thresholds, *models, *(p for p in (setup.kcf_config, setup.kcf_thresholds) if p)]
+    key = {
+        "settings": asdict(settings),
+        "setup": asdict(setup),
+        "pretrained": str(pretrained) if pretrained else None,
+        "sha256": {str(f): sha256_file(f) for f in files if Path(f).is_file()},
+    }
+    return json.loads(json.dumps(key, default=str))
+
+
+def seed_result(
+    seed: int, settings: SegSettings, setup: FilterSetup, work: Path, pretrained: Path | None
+) -> dict[str, Any]:
+    """``run_seed``, or the result a previous run saved in ``work/result.json`` with the same ``_run_key``
+    (so an interrupted multi-seed run redoes only the seeds it had not finished)."""
+    saved, key = work / "result.json", _run_key(settings, setup, pretrained)
+    if saved.is_file():
+        previous = json.loads(saved.read_text(encoding="utf-8"))
+        if previous.get("key") == key:
+            print(f"seed {seed}: reusing the finished result in {saved}")
+            return previous["result"]
+    result = run_seed(seed, settings, setup, work, pretrained)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(saved, {"key": key, "result": result})
+    return result
+
+
 def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and 95 % t interval over seeds of each filter's mIoU and per-part IoU, the paired differences,
     and the issue's targets (on the means)."""
@@ -188,7 +223,7 @@ def run_downstream_seg(
     started = time.perf_counter()
     try:
         per_seed = [
-            run_seed(seed, settings, setup, work / f"seed{seed}", Path(pretrained) if pretrained else None)
+            seed_result(seed, settings, setup, work / f"seed{seed}", Path(pretrained) if pretrained else None)
             for seed in seeds
         ]
     finally:

@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, seg_model  # noqa: E402
+from benchmarks import common, downstream_seg, seg_model  # noqa: E402
 from benchmarks.common import FilterRun  # noqa: E402
-from benchmarks.downstream_seg import aggregate, verdicts  # noqa: E402
-from benchmarks.filter_quality import build_runs, check_targets  # noqa: E402
+from benchmarks.downstream_seg import SegSettings, aggregate, seed_result, verdicts  # noqa: E402
+from benchmarks.filter_quality import FilterSetup, build_runs, check_targets  # noqa: E402
 
 
 def labels_table() -> pd.DataFrame:
@@ -265,3 +265,22 @@ def test_segformer_trains_a_few_steps(one_thread: None) -> None:
         seg_model.train_segmenter(model, data.subset(np.zeros(4, dtype=bool)), iterations=1)
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         seg_model.build_segformer(Path("/nonexistent/mit-b5"))
+
+
+def test_downstream_seed_results_are_reused_only_for_the_same_run(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def fake_run_seed(seed, settings, setup, work, pretrained):
+        calls.append(seed)
+        return {"seed": seed, "filters": {"unfiltered": {"miou": 50.0 + len(calls)}}}
+
+    monkeypatch.setattr(downstream_seg, "run_seed", fake_run_seed)
+    thresholds = tmp_path / "thresholds.yaml"
+    thresholds.write_text("combine: all\n")
+    setup = FilterSetup(models=[], thresholds=thresholds)
+    first = seed_result(0, SegSettings(), setup, tmp_path / "seed0", None)
+    assert seed_result(0, SegSettings(), setup, tmp_path / "seed0", None) == first and calls == [0]
+    seed_result(0, SegSettings(iterations=7), setup, tmp_path / "seed0", None)  # other settings: rerun
+    thresholds.write_text("combine: any\n")  # other thresholds bytes: rerun
+    seed_result(0, SegSettings(iterations=7), setup, tmp_path / "seed0", None)
+    assert calls == [0, 0, 0]
