@@ -196,6 +196,17 @@ def test_different_metadata_is_refused_and_overwrite_restarts(tmp_path: Path) ->
     assert fresh.metadata["generator"]["steps"] == 20
 
 
+def test_a_second_writer_accepts_a_folder_another_writer_is_claiming(tmp_path: Path) -> None:
+    # `prf generate --devices 2`: shard writers start together; one may find only the other's temporary
+    # batch.json (its claim in progress) in the folder, which is not foreign content.
+    root = tmp_path / "batch"
+    root.mkdir()
+    (root / ".batch.json.new.12345.tmp").write_text("{}")
+    writer = BatchWriter(root, METADATA)
+    assert (root / "batch.json").is_file() and writer.metadata["generator"] == METADATA["generator"]
+    BatchWriter(root, METADATA)  # and one arriving after the claim joins the same batch
+
+
 def test_writer_refuses_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "thesis.txt").write_text("mine")
