@@ -51,7 +51,6 @@ from benchmarks.filter_quality import (  # noqa: E402
     run_kcf_filter,
     run_prf,
 )
-from prf.data.io import atomic_write_json  # noqa: E402
 
 TRAIN_OFFSET = 20_000
 EVAL_OFFSET = 30_000
@@ -160,7 +159,7 @@ def seed_result(
             return previous["result"]
     result = run_seed(seed, settings, setup, work, pretrained)
     work.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(saved, {"key": key, "result": result})
+    common.write_json(saved, {"key": key, "result": result})  # NaN (an untrained arm's loss) -> null
     return result
 
 

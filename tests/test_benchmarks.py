@@ -272,14 +272,17 @@ def test_downstream_seed_results_are_reused_only_for_the_same_run(tmp_path: Path
 
     def fake_run_seed(seed, settings, setup, work, pretrained):
         calls.append(seed)
-        return {"seed": seed, "filters": {"unfiltered": {"miou": 50.0 + len(calls)}}}
+        # an arm that kept no image has a NaN loss: it must survive the round trip (as null)
+        return {"seed": seed, "filters": {"kcf": {"miou": 50.0 + len(calls), "final_loss": math.nan}}}
 
     monkeypatch.setattr(downstream_seg, "run_seed", fake_run_seed)
     thresholds = tmp_path / "thresholds.yaml"
     thresholds.write_text("combine: all\n")
     setup = FilterSetup(models=[], thresholds=thresholds)
     first = seed_result(0, SegSettings(), setup, tmp_path / "seed0", None)
-    assert seed_result(0, SegSettings(), setup, tmp_path / "seed0", None) == first and calls == [0]
+    again = seed_result(0, SegSettings(), setup, tmp_path / "seed0", None)
+    assert calls == [0] and again["filters"]["kcf"] == {"miou": 51.0, "final_loss": None}
+    assert first["filters"]["kcf"]["miou"] == 51.0
     seed_result(0, SegSettings(iterations=7), setup, tmp_path / "seed0", None)  # other settings: rerun
     thresholds.write_text("combine: any\n")  # other thresholds bytes: rerun
     seed_result(0, SegSettings(iterations=7), setup, tmp_path / "seed0", None)
