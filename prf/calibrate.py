@@ -19,9 +19,10 @@ threshold already rejects the failures it sees lets the others add theirs.) Obje
   threshold);
 - ``mcc``: the best Matthews correlation between "rejected" and "failure"; unlike F1 it scores the
   degenerate "reject everything" as 0, so prefer it when failures are a large share of the labels;
-- ``target_precision`` P: starting from the best-F1 thresholds, the loosest thresholds whose KEPT images
-  are at least a share P faithful (precision of the kept set), i.e. the most faithful images kept subject
-  to that precision. Coordinate ascent is greedy, not an exhaustive search over all combinations.
+- ``target_precision`` P: starting from the thresholds of the objective above, the loosest thresholds
+  whose KEPT images are at least a share P faithful (precision of the kept set), i.e. the most faithful
+  images kept subject to that precision. Coordinate ascent is greedy, not an exhaustive search over all
+  combinations.
 
 The combine rule (all / any), the PCK alpha and normalisation are those the SCORES file was made with, so
 the written thresholds mean the same thing as the columns they were chosen on.
@@ -288,7 +289,8 @@ def calibrate(
     Args:
         scores: a SCORES Parquet file from ``prf score``.
         labels: CSV (image_id, keep) or a BATCH folder (injected_failure != "none" = reject).
-        target_precision: None for best F1, else the share of kept images that must be faithful (0-1).
+        target_precision: None for the objective alone, else the share of kept images that must be
+            faithful (0-1).
         out: thresholds.yaml to write (atomically); plot: PNG (default ``<out stem>.roc.png``).
         metrics: which metrics get thresholds (column suffixes: pa_mpjpe, s_mpjpe, pck, max_kp_error).
         objective: "f1" or "mcc" (module docstring); the start for ``target_precision``.
