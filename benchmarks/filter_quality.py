@@ -80,24 +80,10 @@ def generate_batch(out: Path, seed: int, n: int, image_size: int, inject: float 
 
 def save_untrained_checkpoint(path: Path, input_size: int, seed: int) -> Path:
     """An UNTRAINED tiny PARE regressor exported like ``prf train`` does (smoke tests only)."""
-    import torch
-
-    from prf.body.smal import SMAL
-    from prf.checkpoint import save_export
-    from prf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from prf.models.heads import build_regressor_net
+    from prf.checkpoint import save_untrained_export
 
     head = {"hidden": 32, "num_part_channels": 8, "feature_channels": 8, "pose_hidden": 8}
-    body = SMAL.builtin()
-    torch.manual_seed(seed)
-    net = build_regressor_net("pare", "regnetx_002", body.num_joints, body.num_betas, out_index=-2, **head)
-    spec = {"arch": "pare", "backbone": "regnetx_002", "num_joints": body.num_joints,
-            "num_betas": body.num_betas, "out_index": -2, "head_kwargs": head}  # fmt: skip
-    return save_export(
-        path, net, net=spec, arch="pare", backbone="regnetx_002", input_size=input_size, crop_scale=1.25,
-        normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        smal_layout=body.layout_signature(), stage="synthetic", name=f"untrained-stand-in-{seed}",
-    )  # fmt: skip
+    return save_untrained_export(path, input_size, seed, head, f"untrained-stand-in-{seed}")
 
 
 @dataclass

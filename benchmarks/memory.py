@@ -66,25 +66,9 @@ def measure(args: list[str]) -> dict[str, Any]:
 
 def tiny_checkpoint(path: Path, input_size: int, seed: int) -> Path:
     """An UNTRAINED PARE regressor (regnetx_002, tiny head) exported like ``prf train`` does."""
-    import torch
+    from prf.checkpoint import save_untrained_export
 
-    from prf.body.smal import SMAL
-    from prf.checkpoint import save_export
-    from prf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from prf.models.heads import build_regressor_net
-
-    body = SMAL.builtin()
-    torch.manual_seed(seed)
-    net = build_regressor_net(
-        "pare", "regnetx_002", body.num_joints, body.num_betas, out_index=-2, **TINY_HEAD
-    )
-    spec = {"arch": "pare", "backbone": "regnetx_002", "num_joints": body.num_joints,
-            "num_betas": body.num_betas, "out_index": -2, "head_kwargs": TINY_HEAD}  # fmt: skip
-    return save_export(
-        path, net, net=spec, arch="pare", backbone="regnetx_002", input_size=input_size, crop_scale=1.25,
-        normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        smal_layout=body.layout_signature(), stage="synthetic", name=f"untrained-{input_size}px",
-    )  # fmt: skip
+    return save_untrained_export(path, input_size, seed, TINY_HEAD, f"untrained-{input_size}px")
 
 
 def main() -> None:

@@ -132,6 +132,30 @@ def save_export(path: str | os.PathLike[str], model: nn.Module, **fields: Any) -
     return path
 
 
+def save_untrained_export(
+    path: str | os.PathLike[str], input_size: int, seed: int, head_kwargs: dict[str, Any], name: str
+) -> Path:
+    """An UNTRAINED PARE regressor (regnetx_002 at stride 16, seeded random head ``head_kwargs``) for the
+    built-in quadruped, exported the way ``prf train`` does: for tests and smoke runs of the machinery only
+    (its metrics mean nothing; ``name`` should say so)."""
+    from prf.body.smal import SMAL
+    from prf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from prf.models.heads import build_regressor_net
+
+    body = SMAL.builtin()
+    torch.manual_seed(seed)
+    net = build_regressor_net(
+        "pare", "regnetx_002", body.num_joints, body.num_betas, out_index=-2, **head_kwargs
+    )
+    spec = {"arch": "pare", "backbone": "regnetx_002", "num_joints": body.num_joints,
+            "num_betas": body.num_betas, "out_index": -2, "head_kwargs": head_kwargs}  # fmt: skip
+    return save_export(
+        path, net, net=spec, arch="pare", backbone="regnetx_002", input_size=input_size, crop_scale=1.25,
+        normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        smal_layout=body.layout_signature(), stage="synthetic", name=name,
+    )  # fmt: skip
+
+
 def load_export(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
     """Load an export with ``torch.load(weights_only=True)`` (never unpickles code).
 

@@ -21,11 +21,8 @@ import torch
 import prf.score as score_module
 import prf.score_io as score_io
 from generation.run import export_animal3d, run_generate
-from prf.body.smal import SMAL
-from prf.checkpoint import save_export
+from prf.checkpoint import save_untrained_export
 from prf.data.inputs import iter_samples
-from prf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from prf.models.heads import build_regressor_net
 from prf.score import load_models, score, score_batch
 from prf.score_data import collate_items, load_item
 from prf.score_io import ScoresMismatchError
@@ -42,26 +39,7 @@ models:
 
 def save_tiny_checkpoint(path: Path, input_size: int, seed: int) -> Path:
     """An UNTRAINED PARE regressor (regnetx_002 backbone, tiny head) exported like `prf train` does."""
-    body = SMAL.builtin()
-    torch.manual_seed(seed)
-    net = build_regressor_net(
-        "pare", "regnetx_002", body.num_joints, body.num_betas, out_index=-2, **TINY_PARE
-    )
-    spec = {"arch": "pare", "backbone": "regnetx_002", "num_joints": body.num_joints,
-            "num_betas": body.num_betas, "out_index": -2, "head_kwargs": TINY_PARE}  # fmt: skip
-    return save_export(
-        path,
-        net,
-        net=spec,
-        arch="pare",
-        backbone="regnetx_002",
-        input_size=input_size,
-        crop_scale=1.25,
-        normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        smal_layout=body.layout_signature(),
-        stage="synthetic",
-        name=f"untrained-{input_size}px",
-    )
+    return save_untrained_export(path, input_size, seed, TINY_PARE, f"untrained-{input_size}px")
 
 
 @dataclass
