@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from prf.body.smal import SMAL
 from prf.data.datamodule import RegressorDataset, Rows, source_entries
-from prf.models.regressor import VAL_METRICS, batch_metrics
+from prf.models.regressor import VAL_METRICS, batch_metrics, pck_metrics
 from prf.predictor import Predictor
 
 
@@ -69,9 +69,8 @@ def evaluate(
             pred = {"keypoints_3d": prediction.keypoints_3d, "keypoints_2d": prediction.keypoints_2d}
             for name, per_sample in batch_metrics(pred, batch, predictor.input_size).items():
                 values[name].append(per_sample)
-            projected = {**pred, "keypoints_2d": prediction.keypoints_2d_projected}
-            projected_pck = batch_metrics(projected, batch, predictor.input_size)["pck_0.15"]
-            values["pck_0.15_projected"].append(projected_pck)
+            projected = pck_metrics(prediction.keypoints_2d_projected, batch, predictor.input_size)
+            values["pck_0.15_projected"].append(projected["pck_0.15"])
             count_3d += int((batch["has_3d"] > 0).sum())
     result: dict[str, Any] = {}
     for name, chunks in values.items():

@@ -176,12 +176,16 @@ def batch_metrics(
         "pa_mpjpe": torch.where(no_3d, nan, metrics.pa_mpjpe(pred3d, target3d)),
         "s_mpjpe": torch.where(no_3d, nan, metrics.s_mpjpe(pred3d, target3d)),
     }
-    pred2d = from_normalised(image_keypoints(pred).detach().double(), input_size)
+    return {**out, **pck_metrics(image_keypoints(pred), batch, input_size)}
+
+
+def pck_metrics(keypoints_2d: Tensor, batch: dict[str, Tensor], input_size: int) -> dict[str, Tensor]:
+    """Per-sample PCK@0.1 / @0.15, each (B,), of (B, K, 2) normalised crop keypoints against the batch's
+    ``kp2d`` (crop pixels, sqrt-mask-area normaliser ``mask_norm``, visible keypoints only)."""
+    pred2d = from_normalised(keypoints_2d.detach().double(), input_size)
     target2d = from_normalised(batch["kp2d"].double(), input_size)
     norm = batch["mask_norm"].double()
-    for alpha in (0.1, 0.15):
-        out[f"pck_{alpha}"] = metrics.pck(pred2d, target2d, batch["vis"], alpha, norm)
-    return out
+    return {f"pck_{alpha}": metrics.pck(pred2d, target2d, batch["vis"], alpha, norm) for alpha in (0.1, 0.15)}
 
 
 class RegressorModule(pl.LightningModule):
