@@ -40,7 +40,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import ALL, FilterRun  # noqa: E402
@@ -373,12 +372,12 @@ def filter_setup_from_args(args: argparse.Namespace) -> FilterSetup:
         import torch
 
         torch.set_num_threads(args.threads)
-    overrides: dict[str, Any] = {}
-    for item in args.kcf_set:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--kcf-set {item!r} must look like key.sub=value (e.g. trainer.max_epochs=20)")
-        overrides[key.strip()] = yaml.safe_load(text)
+    from prf.train import parse_overrides
+
+    try:
+        overrides = parse_overrides(args.kcf_set)
+    except ValueError as err:
+        raise SystemExit(f"--kcf-set: {err}") from None
     return FilterSetup(args.models, args.thresholds, args.kcf_config, overrides, args.kcf_thresholds)
 
 

@@ -73,22 +73,17 @@ def kcf(
     """Run KCF: train a binned pose classifier on K-1 folds, score the held-out fold, threshold the loss."""
     import logging
 
-    import yaml
     from rich.console import Console
 
     from kcf.run import load_config, load_thresholds, run_kcf
+    from prf.train import parse_overrides
 
     console = Console(stderr=True)
     # Lightning's per-Trainer notices (accelerator, tips, "max_epochs reached") would repeat twice per fold.
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     if not input.exists():
         raise FileNotFoundError(f"input {input} does not exist")
-    overrides: dict[str, object] = {}
-    for item in set_values or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r} must look like key.sub=value (e.g. optim.lr=0.01)")
-        overrides[key.strip()] = yaml.safe_load(text)
+    overrides = parse_overrides(set_values or [])
     optional = {"folds": folds, "trainer.max_epochs": epochs, "seed": seed, "data.dst_images": dst_images}
     overrides.update({k: v for k, v in optional.items() if v is not None})
     if quiet:
