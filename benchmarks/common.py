@@ -33,23 +33,18 @@ import pandas as pd
 FAITHFUL = "none"
 ALL = "all"
 LABEL_COLUMNS = ("image_id", "injected_failure", "failure_severity", "failure_effect")
-# Column suffix -> True when a larger value means a worse fit (more likely a failure).
-SCORE_DIRECTIONS: dict[str, bool] = {
-    "_pa_mpjpe": True,
-    "_s_mpjpe": True,
-    "_pck": False,
-    "_max_kp_error": True,
-    "_ce": True,
-    "_ce_azimuth": True,
-    "_ce_elevation": True,
-    "_ce_theta": True,
-    "_geodesic": True,
+# Column suffix -> (True when a larger value means a worse fit, i.e. more likely a failure; unit).
+SCORE_SUFFIXES: dict[str, tuple[bool, str]] = {
+    "_pa_mpjpe": (True, "mm"),
+    "_s_mpjpe": (True, "mm"),
+    "_pck": (False, "%"),
+    "_max_kp_error": (True, "sqrt(mask area)"),
+    "_ce": (True, "nats"),
+    "_ce_azimuth": (True, "nats"),
+    "_ce_elevation": (True, "nats"),
+    "_ce_theta": (True, "nats"),
+    "_geodesic": (True, "radians"),
 }
-
-SCORE_UNITS: dict[str, str] = {
-    "_pa_mpjpe": "mm", "_s_mpjpe": "mm", "_pck": "%", "_max_kp_error": "sqrt(mask area)", "_ce": "nats",
-    "_ce_azimuth": "nats", "_ce_elevation": "nats", "_ce_theta": "nats", "_geodesic": "radians",
-}  # fmt: skip
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -120,12 +115,21 @@ def keep_verdicts(scores: pd.DataFrame, columns: Sequence[str] = ("keep",)) -> p
     return pd.Series(keep, index=scores["image_id"].to_numpy(), name="+".join(columns))
 
 
+def _score_suffix(column: str) -> str | None:
+    """The longest ``SCORE_SUFFIXES`` key ``column`` ends with, or None."""
+    return next((s for s in sorted(SCORE_SUFFIXES, key=len, reverse=True) if column.endswith(s)), None)
+
+
 def direction_of(column: str) -> bool | None:
     """True if larger is worse, False if smaller is worse, None when the column is not a known score."""
-    for suffix in sorted(SCORE_DIRECTIONS, key=len, reverse=True):
-        if column.endswith(suffix):
-            return SCORE_DIRECTIONS[suffix]
-    return None
+    suffix = _score_suffix(column)
+    return SCORE_SUFFIXES[suffix][0] if suffix else None
+
+
+def unit_of(column: str) -> str:
+    """The unit of a known score column ("" for other columns)."""
+    suffix = _score_suffix(column)
+    return SCORE_SUFFIXES[suffix][1] if suffix else ""
 
 
 # ---- statistics ---------------------------------------------------------------------------------------
@@ -253,7 +257,7 @@ def evaluate_scores(
         for column, series in run.scores.items():
             direction = direction_of(column)
             if direction is None:
-                raise ValueError(f"score column {column!r} has no known direction (see SCORE_DIRECTIONS)")
+                raise ValueError(f"score column {column!r} has no known direction (see SCORE_SUFFIXES)")
             values = aligned(labels, series, f"score {column}").astype(float)
             for subset, mask in subset_masks(labels, min_effect).items():
                 rows.append(
@@ -455,7 +459,7 @@ def plot_distributions(
                 chosen = values[finite & group]
                 if len(chosen):
                     ax.hist(chosen, bins=bins, alpha=0.55, color=colour, label=f"{name} ({len(chosen)})")
-        unit = next((u for suffix, u in SCORE_UNITS.items() if column.endswith(suffix)), "")
+        unit = unit_of(column)
         ax.set_title(f"{column} ({unit})" if unit else column, fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
