@@ -310,8 +310,7 @@ def score(
     rerun with the same ``out`` skips the images already scored (prf.score_io). ``limit`` scores only the
     first N input images; ``device``: "auto", "cpu", "cuda", "cuda:1", ...; AMP (float16) on CUDA.
     """
-    if batch_size < 1 or workers < 0 or (limit is not None and limit < 1) or flush_rows < 1:
-        raise ValueError("need batch_size >= 1, workers >= 0, limit >= 1 (or none) and flush_rows >= 1")
+    check_run_options(batch_size, workers, limit, flush_rows)
     started = time.perf_counter()
     plan = plan_run(input_path, thresholds_path, models, out, limit)
     torch_device = resolve_device(device)
@@ -330,6 +329,12 @@ def score(
         )
         _drive(scoring, loader, plan.store, plan.schema, plan.thresholds.config.combine, flush_rows, progress)
     return finish_run(plan, started)
+
+
+def check_run_options(batch_size: int, workers: int, limit: int | None, flush_rows: int) -> None:
+    """The numeric options of a scoring run (one or several processes), checked before any work."""
+    if batch_size < 1 or workers < 0 or (limit is not None and limit < 1) or flush_rows < 1:
+        raise ValueError("need batch_size >= 1, workers >= 0, limit >= 1 (or none) and flush_rows >= 1")
 
 
 @dataclass

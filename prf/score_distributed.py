@@ -29,7 +29,16 @@ import pytorch_lightning as pl
 import torch
 
 from prf.body.smal import SMAL
-from prf.score import RunPlan, ScoringModel, finish_run, load_models, make_loader, plan_run, score_batch
+from prf.score import (
+    RunPlan,
+    ScoringModel,
+    check_run_options,
+    finish_run,
+    load_models,
+    make_loader,
+    plan_run,
+    score_batch,
+)
 from prf.score_io import PartStore, ScoreSummary
 
 FLUSH_SECONDS = 30.0
@@ -119,8 +128,7 @@ def score_distributed(
     Returns the summary in rank 0 (after the merge) and None in the other ranks. Config problems raise
     in every rank before any model is loaded or anything is written.
     """
-    if batch_size < 1 or workers < 0 or (limit is not None and limit < 1) or flush_rows < 1:
-        raise ValueError("need batch_size >= 1, workers >= 0, limit >= 1 (or none) and flush_rows >= 1")
+    check_run_options(batch_size, workers, limit, flush_rows)
     if devices < 1 or num_nodes < 1:
         raise ValueError(f"need --devices >= 1 and --num-nodes >= 1, got {devices} and {num_nodes}")
     if accelerator not in ("auto", "cpu", "gpu", "cuda"):
