@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from generation.config import GenerationConfig, load_category_table
+from generation.pipeline import shard_indices
 from generation.run import export_animal3d, generation_progress, print_summary
 from prf.data.batch import BatchWriter
 
@@ -58,7 +59,7 @@ def run_generate_devices(
     for name in config.categories:
         categories.by_name(name)
     shards = device_shards(shard, devices)
-    total = sum(1 for k in range(config.n) if k % shard[1] == shard[0])
+    total = len(shard_indices(config.n, shard))
     before = _finished(out)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

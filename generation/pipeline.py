@@ -34,6 +34,12 @@ from prf.geometry import intrinsics, look_at
 NUM_SAVED_BETAS = 41  # Animal3D stores 20 + 21 betas; models with fewer fill the first entries
 
 
+def shard_indices(n: int, shard: tuple[int, int] = (0, 1)) -> list[int]:
+    """The image indices of shard (i, N) of an n-image batch: every k < n with k mod N = i."""
+    i, parts = shard
+    return [k for k in range(n) if k % parts == i]
+
+
 @dataclass
 class ImagePlan:
     """What one image will show. pose (J,3) axis-angle radians, betas (NB,), viewpoint in radians/metres."""
@@ -256,8 +262,7 @@ class GenerationPipeline:
 
     # -- running --------------------------------------------------------------------------------------
     def indices(self, shard: tuple[int, int] = (0, 1)) -> list[int]:
-        i, n = shard
-        return [k for k in range(self.config.n) if k % n == i]
+        return shard_indices(self.config.n, shard)
 
     def run(
         self,
