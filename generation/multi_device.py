@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from generation.config import GenerationConfig, load_category_table
 from generation.pipeline import shard_indices
-from generation.run import export_animal3d, generation_progress, print_summary
+from generation.run import export_animal3d, generation_progress, print_summary, validated_settings
 from prf.data.batch import BatchWriter
 
 
@@ -54,10 +53,7 @@ def run_generate_devices(
     quiet: bool = False,
 ) -> dict[str, int]:
     """Generate shard `shard` of a batch with one worker process per device; returns counts."""
-    config = GenerationConfig.model_validate(settings)  # every config error before any process starts
-    categories = load_category_table(config.category_table)
-    for name in config.categories:
-        categories.by_name(name)
+    config, _ = validated_settings(settings)  # every config error before any process starts
     shards = device_shards(shard, devices)
     total = len(shard_indices(config.n, shard))
     before = _finished(out)

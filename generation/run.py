@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from generation.backends import build_backend
-from generation.config import GenerationConfig, load_category_table
+from generation.config import CategoryTable, GenerationConfig, load_category_table
 from generation.pipeline import GenerationPipeline
 from generation.pose_sources import build_pose_source
 from prf.body import SMAL
@@ -51,6 +51,16 @@ def generation_progress(quiet: bool) -> Progress:
     return Progress(*columns, TimeRemainingColumn(), console=console, disable=quiet)
 
 
+def validated_settings(settings: dict[str, Any]) -> tuple[GenerationConfig, CategoryTable]:
+    """Raw settings -> (GenerationConfig, its category table); every config error (keys, values, unknown
+    category names) raises here, before any work."""
+    config = GenerationConfig.model_validate(settings)
+    categories = load_category_table(config.category_table)
+    for name in config.categories:
+        categories.by_name(name)
+    return config, categories
+
+
 def run_generate(
     out: Path,
     settings: dict[str, Any],
@@ -60,10 +70,7 @@ def run_generate(
     quiet: bool = False,
 ) -> dict[str, int]:
     """Generate (or resume) a BATCH at `out` from raw settings (validated into a GenerationConfig)."""
-    config = GenerationConfig.model_validate(settings)
-    categories = load_category_table(config.category_table)
-    for name in config.categories:
-        categories.by_name(name)  # unknown names fail here, before any work
+    config, categories = validated_settings(settings)
     torch.set_num_threads(1)  # the pipeline parallelises over images with threads
     model = load_body_model(config.smal, config.family_data)
     pose_source = build_pose_source(config.poses, list(model.joint_names), config.pose_config)
