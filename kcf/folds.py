@@ -228,10 +228,9 @@ def _module(spec: FoldSpec) -> KCFModule:
 
 
 def _dataset(spec: FoldSpec, items: Sequence[KCFItem], module: KCFModule) -> KCFDataset:
-    b = module.net.backbone
-    return KCFDataset(
-        items, spec.bins, spec.input_size, spec.crop, spec.crop_scale, b.input_mean, b.input_std, spec.cache
-    )
+    backbone = module.net.backbone
+    mean, std = backbone.input_mean, backbone.input_std
+    return KCFDataset(items, spec.bins, spec.input_size, spec.crop, spec.crop_scale, mean, std, spec.cache)
 
 
 def train_fold(

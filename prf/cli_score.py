@@ -79,7 +79,7 @@ def _score(
     from rich.console import Console
 
     devices, num_nodes, strategy, accelerator = distributed
-    if devices * num_nodes > 1:
+    if devices * num_nodes > 1:  # several processes: Lightning's predict loop (imported only then)
         from prf.score_distributed import score_distributed
 
         summary = score_distributed(

@@ -158,8 +158,3 @@ def score_distributed(
     if trainer.global_rank != 0:
         return None
     return finish_run(plan, started)  # plan.store (no rank) sees every rank's parts
-
-
-def is_distributed(devices: int, num_nodes: int) -> bool:
-    """More than one process in all: the Lightning path; otherwise the single-process fast path."""
-    return devices * num_nodes > 1
