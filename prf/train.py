@@ -41,7 +41,13 @@ STAGES = ("synthetic", "pretrain", "finetune")
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Keys that may change between a run and its resumption (everything else must match config.yaml).
-RESUMABLE_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.fast_dev_run", "data.num_workers")
+RESUMABLE_KEYS = (
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.fast_dev_run",
+    "data.num_workers",
+    "data.cache_decoded",
+)
 
 
 class _Section(BaseModel):
@@ -59,6 +65,9 @@ class DataSection(_Section):
     num_workers: int = Field(0, ge=0)
     crop_scale: float = Field(DEFAULT_CROP_SCALE, gt=0.0)
     mask_size: int | None = Field(None, ge=1)
+    # Keep decoded images, masks and annotation arrays in memory after the first epoch (~4 bytes per pixel
+    # per image: right for CPU-size sets of small renders, not for millions of full-size images).
+    cache_decoded: bool = False
 
 
 class ModelSection(_Section):
@@ -316,6 +325,7 @@ def run_train(
         mask_size=cfg.data.mask_size,
         crop_scale=cfg.data.crop_scale,
         limit=cfg.data.limit,
+        cache=cfg.data.cache_decoded,
     )
     trainer = _make_trainer(cfg.trainer, run_dir)
     if trainer.is_global_zero:

@@ -12,8 +12,9 @@ import yaml
 from generation.run import run_generate
 from prf.body.smal import SMAL
 from prf.checkpoint import load_export, sha256_file
+from prf.data import datamodule
 from prf.data.batch import BatchReader
-from prf.data.datamodule import RegressorDataModule, split_indices
+from prf.data.datamodule import RegressorDataModule, RegressorDataset, batch_entries, split_indices
 from prf.train import load_train_config, parse_overrides, run_train
 
 TINY_HEADS = {
@@ -135,3 +136,23 @@ def test_datamodule_split_is_seeded_and_uses_faithful_rows(data: dict[str, Path]
     assert len(dm.train_set) + len(dm.val_set) == faithful
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 32, 32) and batch["pose"].shape == (2, 35, 3, 3)
+
+
+def test_decoded_cache_gives_the_same_items_and_reads_each_file_once(
+    data: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    smal = SMAL.builtin()
+    entries = batch_entries(data["batch"])
+    plain = RegressorDataset(entries, 32, smal.joint_names, smal.num_betas)
+    cached = RegressorDataset(entries, 32, smal.joint_names, smal.num_betas, cache=True)
+    reads: list[Path] = []
+    original = datamodule.read_image_rgb
+    monkeypatch.setattr(datamodule, "read_image_rgb", lambda path: reads.append(path) or original(path))
+    for _ in range(2):  # two epochs
+        for i in range(len(entries)):
+            a, b = plain[i], cached[i]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(reads) == 3 * len(entries)  # plain read twice, cached once
+    sample = cached.decoded(0)
+    with pytest.raises(ValueError, match="read-only"):
+        sample.targets.pose[0, 0, 0] = 2.0  # shared by every epoch: augmentation must copy, never edit

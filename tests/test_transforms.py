@@ -12,7 +12,7 @@ from prf.body.layout import KEYPOINT_NAMES, joint_flip_permutation
 from prf.body.smal import SMAL
 from prf.data import transforms as T
 from prf.data.annotation import Annotation, split_betas
-from prf.data.datamodule import build_item
+from prf.data.datamodule import SampleTargets, build_item
 from prf.models.regressor import keypoint_only_smal, project_keypoints
 
 SIZE = 64
@@ -71,7 +71,8 @@ def _annotation(smal: SMAL, seed: int, distance: float, focal: float, size: int 
 def _item(smal: SMAL, ann: Annotation, params: T.AugmentParams | None) -> dict[str, torch.Tensor]:
     image = np.zeros((ann.height, ann.width, 3), dtype=np.uint8)
     perm = joint_flip_permutation(tuple(smal.joint_names))
-    return build_item(image, ann, None, SIZE, smal.num_joints, smal.num_betas, perm, augment=params)
+    targets = SampleTargets.from_annotation(ann, smal.num_joints, smal.num_betas)
+    return build_item(image, targets, None, SIZE, perm, augment=params)
 
 
 def test_crop_matches_its_affine_under_rotation_flip_and_downscaling() -> None:

@@ -85,6 +85,20 @@ def part_membership(joint_names: Sequence[str]) -> Tensor:
     return member
 
 
+def pool_part_logits(joint_logits: Tensor, membership: Tensor) -> Tensor:
+    """Per-part logsumexp of joint channels: (B, J, h, w) logits -> (B, F, h, w) with
+    ``out[:, f] = log(sum_{j in f} exp(joint_logits[:, j]))`` (very negative for a part without joints).
+
+    Computed as ``max + log(membership @ exp(logits - max))`` with one shared per-pixel max: a (F, J)
+    matmul instead of a (B, F, J, h, w) broadcast, about 5x less work in the default training step. A
+    part whose joints all sit ~87 below the best channel underflows to ``max - 87`` instead of its exact
+    value; its probability is < 1e-37 either way.
+    """
+    top = joint_logits.detach().amax(dim=1, keepdim=True)  # (B, 1, h, w); shift-invariant, no gradient needed
+    summed = torch.einsum("fj,bjhw->bfhw", membership.to(joint_logits), (joint_logits - top).exp())
+    return summed.clamp_min(torch.finfo(joint_logits.dtype).tiny).log() + top
+
+
 def part_segmentation_loss(
     part_logits: Tensor, part_mask: Tensor, has_parts: Tensor, membership: Tensor
 ) -> Tensor:
@@ -105,8 +119,7 @@ def part_segmentation_loss(
     J = membership.shape[1]
     if P not in (J, J + 1):
         raise ValueError(f"part_logits has {P} channels; expected {J} joints or {J + 1} (with background)")
-    log_member = torch.where(membership, 0.0, -1e4).to(part_logits)  # (F, J); finite keeps grads finite
-    fine = torch.logsumexp(part_logits[:, None, P - J :] + log_member[None, :, :, None, None], dim=2)
+    fine = pool_part_logits(part_logits[:, P - J :], membership)
     has_joint = membership.any(dim=1).clone()
     if P == J + 1:
         background = F.one_hot(torch.tensor(0), len(has_joint)).to(part_logits)[None, :, None, None]
