@@ -59,7 +59,7 @@ def crop_affine(
         rotation: DEGREES, counter-clockwise as displayed (image y down), about the crop centre.
         flip: mirror the crop left/right (after the rotation).
     """
-    box = torch.as_tensor(np.asarray(bbox, dtype=np.float64).reshape(1, 4))
+    box = torch.tensor(np.asarray(bbox, dtype=np.float64).reshape(1, 4))  # a copy: bbox may be read-only
     if not torch.isfinite(box).all() or scale <= 0:
         raise ValueError(f"bbox must be 4 finite numbers (x, y, w, h) and scale > 0, got {bbox}, {scale}")
     center_size = geometry.square_box(box, scale)
