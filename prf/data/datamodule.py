@@ -242,15 +242,16 @@ def build_item(
         pose = T.flip_pose(pose, joint_permutation)
         part_mask = T.flip_part_labels(part_mask)
 
+    # torch.tensor copies: the cached sample arrays are read-only and must stay untouched
     return {
         "image": T.normalise_image(crop),
-        "pose": torch.as_tensor(pose, dtype=torch.float32),
-        "betas": torch.as_tensor(targets.betas, dtype=torch.float32),
-        "kp2d": torch.as_tensor(kp2d, dtype=torch.float32),
-        "vis": torch.as_tensor(vis, dtype=torch.float32),
-        "crop_cam": torch.as_tensor(crop_cam, dtype=torch.float32),
-        "kp3d": torch.as_tensor(kp3d, dtype=torch.float32),
-        "part_mask": torch.as_tensor(part_mask.astype(np.int64)),
+        "pose": torch.tensor(pose, dtype=torch.float32),
+        "betas": torch.tensor(targets.betas, dtype=torch.float32),
+        "kp2d": torch.tensor(kp2d, dtype=torch.float32),
+        "vis": torch.tensor(vis, dtype=torch.float32),
+        "crop_cam": torch.tensor(crop_cam, dtype=torch.float32),
+        "kp3d": torch.tensor(kp3d, dtype=torch.float32),
+        "part_mask": torch.tensor(part_mask.astype(np.int64)),
         "has_mask": torch.tensor(float(labels is not None)),
         "has_parts": torch.tensor(float(has_parts)),
         "has_3d": torch.tensor(float(has_3d)),
