@@ -39,7 +39,7 @@ from prf.body.smal import SMAL
 from prf.checkpoint import sha256_file
 from prf.data.animal3d import SampleRef
 from prf.data.inputs import detect_input, iter_samples
-from prf.data.transforms import from_normalised
+from prf.data.transforms import from_normalised, normalise_batch
 from prf.models.heads import RegressorOutput
 from prf.models.regressor import image_keypoints, run_regressor
 from prf.predictor import Predictor
@@ -137,9 +137,12 @@ def _image_pixels(keypoints_crop: Tensor, affines: Tensor) -> Tensor:
     return torch.linalg.solve(linear[:, None], (keypoints_crop - offset[:, None])[..., None])[..., 0]
 
 
-def _device_batch(batch: dict[str, Any], ok: Tensor, device: torch.device) -> dict[str, Any]:
-    """The scorable rows (``ok``, (B,) bool) of a collated batch on ``device``: crops float32, geometry
-    float64 (float32 on devices without float64)."""
+def _device_batch(
+    batch: dict[str, Any], ok: Tensor, device: torch.device, norms: dict[int, tuple[tuple, tuple]]
+) -> dict[str, Any]:
+    """The scorable rows (``ok``, (B,) bool) of a collated batch on ``device``: crops moved as uint8 and
+    normalised there (``norms``: crop index -> (mean, std)) to float32 (B, 3, S, S), geometry float64
+    (float32 on devices without float64)."""
     dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
     every = bool(ok.all())
     index = ok.to(device)
@@ -150,7 +153,7 @@ def _device_batch(batch: dict[str, Any], ok: Tensor, device: torch.device) -> di
 
     keys = ("keypoints_2d", "keypoints_3d", "bbox", "mask_area")
     return {
-        "crops": [move(c, torch.float32) for c in batch["crops"]],
+        "crops": [normalise_batch(move(c, torch.uint8), *norms[k]) for k, c in enumerate(batch["crops"])],
         "affines": [move(a, dtype) for a in batch["affines"]],
         "crop_cams": [move(c, torch.float32) for c in batch["crop_cams"]],
         **{key: move(batch[key], dtype) for key in keys},
@@ -205,7 +208,8 @@ def score_batch(
     for model in models if ok_rows else []:
         device = model.predictor.device
         if device not in on_device:
-            on_device[device] = _device_batch(batch, ok, device)
+            norms = {m.crop_index: (m.predictor.mean, m.predictor.std) for m in models}
+            on_device[device] = _device_batch(batch, ok, device, norms)
         result = _model_metrics(model, on_device[device], amp)
         values[model.name] = {key: value.cpu().tolist() for key, value in result.items()}
     targets = batch["keypoints_2d"].to(torch.float32).reshape(n, -1).tolist()

@@ -7,7 +7,8 @@ One item (``load_item``), collated by ``collate_items`` into a batch:
     image_id      str                          source_index  int (position in the input)
     image         str, absolute image path ("" when the input names none)
     error         None, or why the image cannot be scored (names the file and the field)
-    crops         one (3, S, S) float32 normalised crop per CropSpec (zeros for an error item)
+    crops         one (S, S, 3) uint8 crop per CropSpec (zeros for an error item); normalised on the device
+                  (``prf.data.transforms.normalise_batch``, ``CropSpec.mean`` / ``std``) after collation
     affines       one (2, 3) float64 image -> crop affine per CropSpec
     keypoints_2d  (K, 3) float64 annotation x, y (image pixels), visibility
     keypoints_3d  (K, 3) float64 annotation keypoints in the camera frame ``R @ X`` (metres; R = I without
@@ -37,7 +38,7 @@ from prf.body.layout import NUM_KEYPOINTS
 from prf.data.animal3d import SampleRef, resolve_image_path
 from prf.data.annotation import Annotation, AnnotationError
 from prf.data.io import ImageReadError, read_label_png
-from prf.data.transforms import crop_camera, crop_image, normalise_image
+from prf.data.transforms import crop_camera, crop_image
 
 _IDENTITY_AFFINE = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
@@ -105,7 +106,7 @@ def _empty_item(ref: SampleRef, specs: Sequence[CropSpec], error: str | None) ->
         "image": os.path.abspath(ref.image_path) if ref.image_path is not None else "",
         "source_index": int(ref.source_index),
         "error": error,
-        "crops": [torch.zeros(3, spec.size, spec.size) for spec in specs],
+        "crops": [torch.zeros(spec.size, spec.size, 3, dtype=torch.uint8) for spec in specs],
         "affines": [_IDENTITY_AFFINE.copy() for _ in specs],
         "crop_cams": [np.array([1.0, 0.0, 0.0]) for _ in specs],
         "keypoints_2d": np.zeros((NUM_KEYPOINTS, 3)),
@@ -131,7 +132,7 @@ def load_item(ref: SampleRef, specs: Sequence[CropSpec], num_joints: int) -> dic
         item = _empty_item(ref, specs, None)
         for k, spec in enumerate(specs):
             crop, affine = crop_image(image, annotation.bbox, spec.size, spec.crop_scale)
-            item["crops"][k] = normalise_image(crop, spec.mean, spec.std)
+            item["crops"][k] = torch.from_numpy(crop)
             item["affines"][k] = affine
             item["crop_cams"][k] = crop_camera(annotation.intrinsics(), affine)
         rotation = (

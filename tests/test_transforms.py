@@ -205,3 +205,19 @@ def test_normalised_coordinates_round_trip_and_bad_input() -> None:
         T.crop_image(np.zeros((4, 4), dtype=np.uint8), [0, 0, 2, 2], 8)
     with pytest.raises(ValueError, match="finite"):
         T.crop_affine([0, 0, float("nan"), 2], 8)
+
+
+def test_numpy_crop_affine_equals_the_batched_torch_geometry() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        bbox = np.concatenate([rng.uniform(-20, 200, 2), rng.uniform(0.1, 150, 2)])
+        size, scale = int(rng.integers(16, 256)), float(rng.uniform(0.8, 1.6))
+        rotation, flip = float(rng.uniform(-180, 180)), bool(rng.integers(2))
+        box = geometry.square_box(torch.tensor(bbox[None]), scale)
+        box[:, 2] = box[:, 2].clamp_min(1.0)
+        expected = geometry.crop_affine(box, size, np.radians(rotation), flip)[0].numpy()
+        np.testing.assert_allclose(T.crop_affine(bbox, size, scale, rotation, flip), expected, atol=1e-9)
+    # a degenerate box still gets a side of one pixel
+    assert np.isfinite(T.crop_affine([5.0, 5.0, 0.0, 0.0], 32)).all()
+    with pytest.raises(ValueError, match="finite"):
+        T.crop_affine([0.0, float("nan"), 1.0, 1.0], 32)

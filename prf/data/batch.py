@@ -371,7 +371,9 @@ def _record_files(root: Path) -> list[Path]:
     folder = root / "records"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
+    with os.scandir(folder) as entries:  # names sorted as strings: sorting Path objects is slow at scale
+        names = sorted(e.name for e in entries if e.name.endswith(".json") and not e.name.startswith("."))
+    return [folder / name for name in names]
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -467,7 +469,12 @@ class BatchReader:
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
 
     def _path(self, image_id: str, column: str) -> Path:
-        relative = PurePosixPath(self.record(image_id)[column])
+        return self.resolve(image_id, self.record(image_id)[column])
+
+    def resolve(self, image_id: str, manifest_path: str) -> Path:
+        """A manifest path (relative, inside the batch) of ``image_id`` -> the file's path; refuses a path
+        that leaves the batch folder. For callers that already hold the manifest row."""
+        relative = PurePosixPath(manifest_path)
         if relative.is_absolute() or ".." in relative.parts:
             raise NotABatchError(
                 f"{self.root}: manifest path {relative} of {image_id} leaves the batch folder"

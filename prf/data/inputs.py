@@ -62,8 +62,8 @@ def iter_batch_samples(root: str | os.PathLike[str]) -> Iterator[SampleRef]:
         extra = {k: v for k, v in extra.items() if k not in ("image_id", *PATH_COLUMNS)}
         yield SampleRef(
             image_id,
-            reader.image_path(image_id),
-            reader.annotation_path(image_id),
+            reader.resolve(image_id, row["image"]),  # from the row: a lookup per image is slow at scale
+            reader.resolve(image_id, row["annotation"]),
             None,
             index,
             "batch",

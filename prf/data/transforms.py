@@ -28,7 +28,6 @@ import cv2
 import numpy as np
 import torch
 
-from prf import geometry
 from prf.body.layout import FINE_PART_FLIP, KEYPOINT_FLIP
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -50,7 +49,9 @@ def crop_affine(
 ) -> np.ndarray:
     """(2, 3) float64 affine A mapping image pixels to crop pixels (``u = A @ [x, y, 1]``).
 
-    Thin numpy wrapper of ``prf.geometry.square_box`` + ``prf.geometry.crop_affine``.
+    The single-box numpy twin of ``prf.geometry.square_box`` + ``prf.geometry.crop_affine`` (same maps,
+    tested equal): called once per image by the data loaders, where torch's per-op overhead on (1, 3)
+    tensors cost more than the warp itself.
 
     Args:
         bbox: (4,) x, y, w, h in pixels (a degenerate box gets a side of at least 1 pixel).
@@ -59,13 +60,19 @@ def crop_affine(
         rotation: DEGREES, counter-clockwise as displayed (image y down), about the crop centre.
         flip: mirror the crop left/right (after the rotation).
     """
-    box = torch.tensor(np.asarray(bbox, dtype=np.float64).reshape(1, 4))  # a copy: bbox may be read-only
-    if not torch.isfinite(box).all() or scale <= 0:
+    box = np.asarray(bbox, dtype=np.float64).reshape(4)
+    if not np.isfinite(box).all() or scale <= 0:
         raise ValueError(f"bbox must be 4 finite numbers (x, y, w, h) and scale > 0, got {bbox}, {scale}")
-    center_size = geometry.square_box(box, scale)
-    center_size[:, 2] = center_size[:, 2].clamp_min(1.0)
-    affine = geometry.crop_affine(center_size, size, math.radians(rotation), flip)
-    return affine[0].numpy()
+    centre = box[:2] + box[2:] / 2
+    side = max(scale * max(box[2], box[3]), 1.0)
+    k = size / side
+    angle = math.radians(rotation)
+    c, s = math.cos(angle) * k, math.sin(angle) * k
+    linear = np.array([[c, s], [-s, c]])
+    if flip:
+        linear[0] *= -1.0
+    offset = (size - 1) / 2 - linear @ centre
+    return np.concatenate([linear, offset[:, None]], axis=1)
 
 
 def apply_affine(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -180,6 +187,23 @@ def normalise_image(
     array = np.asarray(crop, dtype=np.float32) / 255.0
     array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def normalise_batch(
+    crops: torch.Tensor,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """(B, S, S, 3) uint8 RGB crops (any device) -> (B, 3, S, S) float32 ``(x / 255 - mean) / std``.
+
+    The batched twin of ``normalise_image`` (same float32 operations, same values): data loaders can ship
+    uint8 crops (4x fewer bytes between processes and to the GPU) and normalise on the device.
+    """
+    if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
+        raise ValueError(f"crops must be (B, S, S, 3) uint8, got {crops.dtype} {tuple(crops.shape)}")
+    m = torch.tensor(mean, dtype=torch.float32, device=crops.device)
+    s = torch.tensor(std, dtype=torch.float32, device=crops.device)
+    return ((crops.to(torch.float32) / 255.0 - m) / s).permute(0, 3, 1, 2).contiguous()
 
 
 def colour_jitter(crop: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
