@@ -39,7 +39,13 @@ def score(
         Path, typer.Option("--out", "-o", help="SCORES Parquet file (resumes if it exists).")
     ] = Path("scores.parquet"),
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="DataLoader worker processes decoding images. Default: none (decode inline) on a CPU with "
+            "2 cores or fewer, where a worker competes with the models for the cores; else 2."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (one process).")] = "auto",
     limit: Annotated[int | None, typer.Option(help="Score only the first N input images.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -70,7 +76,7 @@ def _score(
     models: list[str] | None,
     out: Path,
     batch_size: int,
-    workers: int,
+    workers: int | None,
     device: str,
     limit: int | None,
     quiet: bool,
@@ -79,6 +85,11 @@ def _score(
     from rich.console import Console
 
     devices, num_nodes, strategy, accelerator = distributed
+    if workers is None:
+        from prf.score import default_workers
+
+        several = devices * num_nodes > 1
+        workers = default_workers("cuda" if several and accelerator == "gpu" else device)
     if devices * num_nodes > 1:  # several processes: Lightning's predict loop (imported only then)
         from prf.score_distributed import score_distributed
 

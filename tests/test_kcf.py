@@ -39,6 +39,7 @@ TINY = {
     "trainer.num_threads": 1,
     "folds": 2,
     "batch_size": 8,
+    "optim.name": "sgd",
     "optim.lr": 0.05,
 }
 
@@ -413,3 +414,14 @@ def test_resume_in_the_middle_of_a_fold(batch: Path, tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(
         resumed.scores.drop(columns="image"), uninterrupted.scores.drop(columns="image"), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_optimiser_is_chosen_by_name(name: str, kind: type) -> None:
+    from kcf.model import KCFModule, OptimSettings, build_pose_classifier
+
+    net = build_pose_classifier("test_resnet", 5, -1)
+    optim = KCFModule(net, AngleBins(5), OptimSettings(name=name, lr=0.01)).configure_optimizers()
+    assert type(optim["optimizer"]) is kind
+    with pytest.raises(ValueError, match="name"):
+        OptimSettings(name="adam")

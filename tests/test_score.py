@@ -281,3 +281,11 @@ def test_rerun_with_other_thresholds_is_refused(
     assert [m["sha256"] for m in provenance["models"]] == [
         (env.root / f"{n}.pt.sha256").read_text().split()[0] for n in "ab"
     ]
+
+
+def test_default_workers_decode_inline_on_a_small_cpu() -> None:
+    from prf.score import default_workers
+
+    assert default_workers("cpu", cpu_count=2) == 0
+    assert default_workers("cpu", cpu_count=16) == 2
+    assert default_workers("cuda", cpu_count=2) == 2
