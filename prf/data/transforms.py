@@ -178,15 +178,21 @@ def from_normalised(points: np.ndarray | torch.Tensor, size: int) -> np.ndarray 
     return (points + 1.0) * (size / 2.0) - 0.5
 
 
+def _standardise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(..., S, S, 3) float32 pixel values in [0, 255] -> (..., 3, S, S) float32 ``(x / 255 - mean) / std``:
+    the one normalisation both ``normalise_image`` and ``normalise_batch`` apply."""
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device)
+    return ((pixels / 255.0 - m) / s).movedim(-1, -3).contiguous()
+
+
 def normalise_image(
     crop: np.ndarray,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> torch.Tensor:
     """(S, S, 3) uint8 RGB crop -> (3, S, S) float32 ``(x / 255 - mean) / std``."""
-    array = np.asarray(crop, dtype=np.float32) / 255.0
-    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return _standardise(torch.from_numpy(np.array(crop, dtype=np.float32)), mean, std)
 
 
 def normalise_batch(
@@ -196,14 +202,12 @@ def normalise_batch(
 ) -> torch.Tensor:
     """(B, S, S, 3) uint8 RGB crops (any device) -> (B, 3, S, S) float32 ``(x / 255 - mean) / std``.
 
-    The batched twin of ``normalise_image`` (same float32 operations, same values): data loaders can ship
-    uint8 crops (4x fewer bytes between processes and to the GPU) and normalise on the device.
+    The batched form of ``normalise_image`` (same values): data loaders can ship uint8 crops (4x fewer
+    bytes between processes and to the GPU) and normalise on the device.
     """
     if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
         raise ValueError(f"crops must be (B, S, S, 3) uint8, got {crops.dtype} {tuple(crops.shape)}")
-    m = torch.tensor(mean, dtype=torch.float32, device=crops.device)
-    s = torch.tensor(std, dtype=torch.float32, device=crops.device)
-    return ((crops.to(torch.float32) / 255.0 - m) / s).permute(0, 3, 1, 2).contiguous()
+    return _standardise(crops.to(torch.float32), mean, std)
 
 
 def colour_jitter(crop: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
