@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import prf.data.io as prf_io
+from prf.data import inputs
 from prf.data.annotation import Annotation, AnnotationError
 from prf.data.batch import (
     COLUMNS,
@@ -297,6 +298,18 @@ def test_detect_input_and_iter_samples_on_all_kinds(tmp_path: Path) -> None:
         assert [r.source_index for r in refs] == [0, 1]
         np.testing.assert_array_equal(refs[1].read_image(), make_arrays(1)[0])
         assert refs[1].load_annotation(num_joints=35).seed == 1001
+
+
+def test_batch_samples_read_in_chunks_match_one_pass(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "batch"
+    make_batch(root)
+    whole = list(iter_samples(root))
+    monkeypatch.setattr(inputs, "_MANIFEST_CHUNK", 2)  # three rows: a chunk of two, then one
+    chunked = list(iter_samples(root))
+    assert [(r.image_id, r.source_index) for r in chunked] == [("img000", 0), ("img001", 1), ("img002", 2)]
+    assert [(r.image_path, r.annotation_path, r.extra) for r in chunked] == [
+        (r.image_path, r.annotation_path, r.extra) for r in whole
+    ]
 
 
 def test_detect_input_errors(tmp_path: Path) -> None:

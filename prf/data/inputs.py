@@ -53,10 +53,22 @@ def detect_input(path: str | os.PathLike[str]) -> str:
     return "animal3d_json"
 
 
+_MANIFEST_CHUNK = 4096
+
+
 def iter_batch_samples(root: str | os.PathLike[str]) -> Iterator[SampleRef]:
     """One SampleRef per manifest row; ``extra`` holds the row's non-path columns (injected_failure, ...)."""
     reader = BatchReader(root)
-    for index, row in enumerate(reader.manifest.to_dict("records")):
+    manifest = reader.manifest
+    for start in range(0, len(manifest), _MANIFEST_CHUNK):
+        # chunked: converting a million-row manifest to dicts at once costs seconds and memory, and a
+        # ``--limit`` run stops after its first chunk
+        rows = manifest.iloc[start : start + _MANIFEST_CHUNK].to_dict("records")
+        yield from _batch_refs(reader, rows, start)
+
+
+def _batch_refs(reader: BatchReader, rows: list[dict], start: int) -> Iterator[SampleRef]:
+    for index, row in enumerate(rows, start):
         image_id = row["image_id"]
         extra = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
         extra = {k: v for k, v in extra.items() if k not in ("image_id", *PATH_COLUMNS)}
