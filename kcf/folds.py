@@ -199,7 +199,9 @@ class SaveLastCheckpoint(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp)
+        # the full state (optimizer, loops) so that a killed fold resumes exactly; saying so also keeps
+        # Lightning from logging "weights_only was not set" at every epoch
+        trainer.save_checkpoint(tmp, weights_only=False)
         os.replace(tmp, self.path)
 
 

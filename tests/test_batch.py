@@ -120,6 +120,9 @@ def test_round_trip(tmp_path: Path) -> None:
     assert (row["width"], row["height"], row["image"]) == (32, 32, "images/img001.png")
     with pytest.raises(KeyError, match="not in batch"):
         reader.record("nope")
+    assert reader.mask_path("img002") == tmp_path / "batch" / "masks" / "img002.png"
+    with pytest.raises(KeyError, match="not in batch"):
+        reader.image_path("nope")
 
 
 def test_finalize_is_deterministic(tmp_path: Path) -> None:

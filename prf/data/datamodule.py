@@ -101,9 +101,10 @@ def batch_entries(root: str | os.PathLike[str], rows: Rows = "faithful") -> list
         manifest = manifest[manifest["injected_failure"] != "none"]
     elif rows != "all":
         raise ValueError(f"rows must be 'faithful', 'failures' or 'all', got {rows!r}")
+    paths = (manifest[c] for c in ("image", "mask", "annotation"))
     return [
-        SampleEntry(i, reader.image_path(i), reader.mask_path(i), annotation_path=reader.annotation_path(i))
-        for i in manifest["image_id"]
+        SampleEntry(i, reader.resolve(i, image), reader.resolve(i, mask), reader.resolve(i, annotation))
+        for i, image, mask, annotation in zip(manifest["image_id"], *paths, strict=True)
     ]
 
 
