@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -367,13 +368,24 @@ def _read_record(root: Path, path: Path) -> dict[str, Any] | None:
     return row
 
 
-def _record_files(root: Path) -> list[Path]:
+def _scan_records(root: Path) -> dict[str, int]:
+    """The record files in ``root/records``: image id -> modification time (ns), in one directory pass
+    (no Path objects: building 20k of them cost more than the stats)."""
     folder = root / "records"
     if not folder.is_dir():
-        return []
-    with os.scandir(folder) as entries:  # names sorted as strings: sorting Path objects is slow at scale
-        names = sorted(e.name for e in entries if e.name.endswith(".json") and not e.name.startswith("."))
-    return [folder / name for name in names]
+        return {}
+    with os.scandir(folder) as entries:
+        return {
+            e.name[: -len(".json")]: e.stat().st_mtime_ns
+            for e in entries
+            if e.name.endswith(".json") and not e.name.startswith(".")
+        }
+
+
+def _record_files(root: Path, image_ids: Iterable[str] | None = None) -> list[Path]:
+    """Record files sorted by image id (``image_ids``: those of a ``_scan_records``, else scanned)."""
+    ids = sorted(_scan_records(root) if image_ids is None else image_ids)  # strings: Paths sort slowly
+    return [root / "records" / f"{image_id}.json" for image_id in ids]
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -396,7 +408,7 @@ def _collect_records(root: Path) -> tuple[pd.DataFrame, list[str]]:
 def _load_manifest(root: Path) -> tuple[pd.DataFrame, str, str]:
     """(manifest, source "manifest" | "records", a note on why)."""
     manifest_path = root / MANIFEST_FILE
-    records = _record_files(root)
+    records = _scan_records(root)
     if manifest_path.exists():
         try:
             frame = pq.read_table(manifest_path).to_pandas()
@@ -409,9 +421,8 @@ def _load_manifest(root: Path) -> tuple[pd.DataFrame, str, str]:
             raise NotABatchError(f"{manifest_path} lacks columns {missing}; it is not a BATCH manifest")
         if not records:
             return frame, "manifest", f"{MANIFEST_FILE} (no records to compare with)"
-        record_ids = {p.stem for p in records}
-        newest = max(p.stat().st_mtime_ns for p in records)
-        if record_ids == set(frame["image_id"]) and newest <= manifest_path.stat().st_mtime_ns:
+        newest = max(records.values())
+        if records.keys() == set(frame["image_id"]) and newest <= manifest_path.stat().st_mtime_ns:
             return frame, "manifest", f"{MANIFEST_FILE} (up to date with records/)"
         note = f"{MANIFEST_FILE} is stale (records/ changed since finalize()); read records/ instead"
     else:
