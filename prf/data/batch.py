@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -382,10 +381,9 @@ def _scan_records(root: Path) -> dict[str, int]:
         }
 
 
-def _record_files(root: Path, image_ids: Iterable[str] | None = None) -> list[Path]:
-    """Record files sorted by image id (``image_ids``: those of a ``_scan_records``, else scanned)."""
-    ids = sorted(_scan_records(root) if image_ids is None else image_ids)  # strings: Paths sort slowly
-    return [root / "records" / f"{image_id}.json" for image_id in ids]
+def _record_files(root: Path) -> list[Path]:
+    """Record files sorted by image id (sorted as strings: sorting Path objects is slow at scale)."""
+    return [root / "records" / f"{image_id}.json" for image_id in sorted(_scan_records(root))]
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
