@@ -41,7 +41,7 @@ from torch import Tensor
 from prf.body.smal import SMAL
 from prf.checkpoint import build_net_from_export, check_layout, load_export, sha256_file
 from prf.data.transforms import crop_camera, crop_image, from_normalised, normalise_image
-from prf.models.regressor import image_keypoints, keypoint_only_smal, run_regressor
+from prf.models.regressor import DENSE_OUTPUTS, image_keypoints, keypoint_only_smal, run_regressor
 
 
 @dataclass
@@ -170,7 +170,7 @@ class Predictor:
                 {
                     k: v.cpu()
                     for k, v in out.items()
-                    if v is not None and k not in ("part_logits", "attention", "keypoints_2d_detected")
+                    if v is not None and k not in (*DENSE_OUTPUTS, "keypoints_2d_detected")
                 }
             )
         if not parts:

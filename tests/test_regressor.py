@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -17,10 +18,13 @@ from prf.models.heads import build_regressor_net
 from prf.models.losses import (
     LossConfig,
     fit_weak_camera,
+    gaussian_heatmaps,
     joint_attention_loss,
+    keypoint_heatmap_loss,
     part_membership,
     part_segmentation_loss,
 )
+from prf.models.pare import soft_argmax
 from prf.models.regressor import (
     LAYOUT_KEY,
     OptimConfig,
@@ -54,11 +58,11 @@ def smal() -> SMAL:
     return SMAL.builtin()
 
 
-def _module(smal: SMAL, arch: str) -> RegressorModule:
+def _module(smal: SMAL, arch: str, loss: LossConfig | None = None) -> RegressorModule:
     net = build_regressor_net(
         arch.split("_")[0], "regnetx_002", smal.num_joints, smal.num_betas, out_index=-2, **TINY_HEADS[arch]
     )
-    return RegressorModule(net, smal, LossConfig(), OptimConfig(), input_size=SIZE)
+    return RegressorModule(net, smal, loss or LossConfig(), OptimConfig(), input_size=SIZE)
 
 
 def _batch(smal: SMAL, batch: int = 3) -> dict[str, torch.Tensor]:
@@ -127,6 +131,31 @@ def test_weak_camera_fit_and_joint_attention_loss(smal: SMAL) -> None:
     assert joint_attention_loss(attention, on_target + 0.1, torch.zeros(3)) == 0
 
 
+def test_gaussian_heatmaps_centre_on_their_target() -> None:
+    target = torch.tensor([[[0.1, -0.3], [-0.55, 0.42]]])  # (1, 2, 2), well inside the crop
+    maps = gaussian_heatmaps(target, 20, 16, sigma_cells=1.0)
+    assert maps.shape == (1, 2, 20, 16)
+    assert torch.allclose(maps.sum(dim=(2, 3)), torch.ones(1, 2), atol=1e-5)
+    _, centre = soft_argmax(maps.log())  # the map's own mean is the target
+    assert torch.allclose(centre, target, atol=1e-4)
+    # sigma is in cells: one cell to the right of the peak holds exp(-1/2) of the peak's mass (x axis)
+    on_cell = gaussian_heatmaps(torch.tensor([[[4.5 / 8 - 1, 3.5 / 8 - 1]]]), 16, 16, sigma_cells=1.0)[0, 0]
+    assert float(on_cell[3, 5] / on_cell[3, 4]) == pytest.approx(math.exp(-0.5), rel=1e-4)
+
+
+def test_keypoint_heatmap_loss_is_zero_on_the_target_map_and_skips_hidden_points() -> None:
+    target = torch.tensor([[[0.1, -0.3], [0.5, 0.5], [1.5, 0.0]]])  # the third lies outside the crop
+    wanted = gaussian_heatmaps(target, 12, 12, sigma_cells=1.0)
+    visible = torch.ones(1, 3)
+    assert float(keypoint_heatmap_loss(wanted, target, visible, 1.0)) == pytest.approx(0.0, abs=1e-5)
+    shifted = gaussian_heatmaps(target + 0.2, 12, 12, sigma_cells=1.0)
+    assert float(keypoint_heatmap_loss(shifted, target, visible, 1.0)) > 0.5
+    # a wrong map on a hidden keypoint or one outside the crop costs nothing
+    mixed = torch.cat([wanted[:, :1], shifted[:, 1:]], dim=1)
+    only_first = torch.tensor([[1.0, 0.0, 1.0]])
+    assert float(keypoint_heatmap_loss(mixed, target, only_first, 1.0)) == pytest.approx(0.0, abs=1e-5)
+
+
 def test_perspective_projection_reduces_to_weak_perspective_far_away() -> None:
     points = torch.randn(2, 26, 3) * 0.3
     cam = torch.tensor([[1.1, 0.1, -0.2], [0.7, 0.0, 0.3]])
@@ -144,13 +173,14 @@ def test_perspective_projection_reduces_to_weak_perspective_far_away() -> None:
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 @pytest.mark.parametrize("arch", ["pare", "pare_keypoints", "hmr"])
 def test_shared_step_trains_and_logs_metrics(smal: SMAL, arch: str) -> None:
-    module = _module(smal, arch)
+    module = _module(smal, arch, LossConfig(keypoint_heatmaps=0.5))
     batch = _batch(smal)
     loss = module.training_step(batch, 0)
     assert torch.isfinite(loss)
     pred = module(batch["image"], batch.get("crop_cam"))
     _, terms = module.criterion(pred, batch)
     assert ("keypoints_detected" in terms) == (arch == "pare_keypoints")
+    assert ("keypoint_heatmaps" in terms) == (arch == "pare_keypoints")  # only heads with heatmaps
     loss.backward()
     grads = [p.grad for p in module.net.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -34,6 +34,9 @@ class LossConfig(BaseModel):
     joint_attention: float = Field(1.0, ge=0.0)
     cam_prior: float = Field(1.0, ge=0.0)
     keypoints_detected: float = Field(2.0, ge=0.0)
+    # KL(Gaussian || heatmap) on the keypoint heatmaps (DSNT's regulariser); sigma in heatmap cells
+    keypoint_heatmaps: float = Field(0.0, ge=0.0)
+    heatmap_sigma: float = Field(1.0, gt=0.0)
 
 
 def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
@@ -70,6 +73,33 @@ def global_orient_loss(pred: Tensor, target: Tensor, has_3d: Tensor) -> Tensor:
 def betas_loss(pred: Tensor, target: Tensor, has_3d: Tensor) -> Tensor:
     """MSE of shape coefficients: (B, NB) each; has_3d (B,) -> ()."""
     return _masked_mean((pred - target).pow(2).mean(dim=1), has_3d)
+
+
+def gaussian_heatmaps(target: Tensor, h: int, w: int, sigma_cells: float) -> Tensor:
+    """Normalised Gaussian maps centred on ``target`` (B, K, 2) normalised [x, y] -> (B, K, h, w) summing to 1
+    (cell centres as in ``prf.models.pare.soft_argmax``; ``sigma_cells`` in cells of the map)."""
+    xs = (torch.arange(w, device=target.device, dtype=target.dtype) + 0.5) * (2.0 / w) - 1.0
+    ys = (torch.arange(h, device=target.device, dtype=target.dtype) + 0.5) * (2.0 / h) - 1.0
+    gx = -((xs - target[..., :1]) * (w / 2.0)).pow(2) / (2.0 * sigma_cells**2)  # (B, K, w)
+    gy = -((ys - target[..., 1:]) * (h / 2.0)).pow(2) / (2.0 * sigma_cells**2)  # (B, K, h)
+    logits = gy[..., :, None] + gx[..., None, :]  # (B, K, h, w)
+    return torch.softmax(logits.flatten(2), dim=-1).reshape(logits.shape)
+
+
+def keypoint_heatmap_loss(heatmaps: Tensor, target: Tensor, visibility: Tensor, sigma_cells: float) -> Tensor:
+    """KL(Gaussian at the target || predicted heatmap), in nats, over visible keypoints inside the crop.
+
+    The soft-argmax L1 alone leaves the heatmap's shape free (any spread with the right mean is optimal);
+    pulling it towards a small Gaussian (DSNT, Nibali et al. 2018) gives every cell a direct gradient, which
+    trains the keypoint branch faster. heatmaps (B, K, h, w) spatial softmax; target (B, K, 2) normalised;
+    visibility (B, K) -> ().
+    """
+    h, w = heatmaps.shape[-2:]
+    wanted = gaussian_heatmaps(target.detach(), h, w, sigma_cells)
+    inside = (target.abs() <= 1.0).all(dim=-1).to(visibility)
+    log_ratio = wanted.clamp_min(1e-12).log() - heatmaps.clamp_min(1e-12).log()
+    per_point = (wanted * log_ratio).sum(dim=(-2, -1))  # (B, K)
+    return _masked_mean(per_point, visibility * inside)
 
 
 def cam_prior_loss(cam: Tensor) -> Tensor:
@@ -203,6 +233,10 @@ class RegressorLoss(nn.Module):
         if pred.get("keypoints_2d_detected") is not None and c.keypoints_detected > 0:
             terms["keypoints_detected"] = keypoint_2d_loss(
                 pred["keypoints_2d_detected"], batch["kp2d"], batch["vis"]
+            )
+        if pred.get("keypoint_heatmaps") is not None and c.keypoint_heatmaps > 0:
+            terms["keypoint_heatmaps"] = keypoint_heatmap_loss(
+                pred["keypoint_heatmaps"], batch["kp2d"], batch["vis"], c.heatmap_sigma
             )
         if pred.get("attention") is not None and "joints_2d" in batch and c.joint_attention > 0:
             terms["joint_attention"] = joint_attention_loss(

@@ -119,6 +119,10 @@ def project_keypoints(points: Tensor, cam: Tensor, input_size: int, crop_cam: Te
     return pixels_to_normalized(pixels, size)
 
 
+# run_regressor outputs that are maps (B, C, h, w): kept on the device, never collected as predictions
+DENSE_OUTPUTS: tuple[str, ...] = ("part_logits", "attention", "keypoint_heatmaps")
+
+
 def run_regressor(
     net: nn.Module, body: SMAL, images: Tensor, crop_cam: Tensor | None = None, flip_test: bool = False
 ) -> dict[str, Tensor | None]:
@@ -133,8 +137,9 @@ def run_regressor(
     Returns a dict: ``pose`` (B, J, 3, 3), ``betas`` (B, NB), ``cam`` (B, 3) [s, tx, ty], ``part_logits``
     (B, P, h, w) or None, ``attention`` (B, J, h, w) or None, ``keypoints_3d`` (B, K, 3) metres root-relative
     camera-aligned, ``keypoints_2d`` (B, K, 2) the SMAL keypoints projected into the crop
-    (``project_keypoints``), and ``keypoints_2d_detected`` (B, K, 2) the keypoint heatmaps' positions or
-    None (both normalised crop coordinates; ``image_keypoints`` picks the one PCK is computed on).
+    (``project_keypoints``), ``keypoints_2d_detected`` (B, K, 2) the keypoint heatmaps' positions or
+    None (both normalised crop coordinates; ``image_keypoints`` picks the one PCK is computed on), and
+    ``keypoint_heatmaps`` (B, K, h, w) the unflipped pass's heatmaps or None.
     """
     out = net(images)
     posed = body(betas=out.betas, pose=out.pose_rotmat)
@@ -152,6 +157,7 @@ def run_regressor(
         "keypoints_3d": keypoints_3d,
         "keypoints_2d": project_keypoints(keypoints_3d, out.cam, images.shape[-1], crop_cam),
         "keypoints_2d_detected": detected,
+        "keypoint_heatmaps": out.keypoint_heatmaps,
     }
 
 
@@ -293,11 +299,7 @@ class RegressorModule(pl.LightningModule):
         ``image_keypoints``) added."""
         images = batch["image"] if isinstance(batch, dict) else batch
         pred = self(images, batch.get("crop_cam") if isinstance(batch, dict) else None)
-        out = {
-            k: v.detach().cpu()
-            for k, v in pred.items()
-            if v is not None and k not in ("part_logits", "attention")
-        }
+        out = {k: v.detach().cpu() for k, v in pred.items() if v is not None and k not in DENSE_OUTPUTS}
         out["keypoints_2d_crop"] = from_normalised(image_keypoints(out), self.input_size)
         return out
 
