@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from prf.data.transforms import DEFAULT_CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD
 from prf.models.heads import build_regressor_net
 from prf.models.losses import LossConfig
 from prf.models.regressor import VAL_METRICS, OptimConfig, RegressorModule
+from prf.train_progress import LineProgress
 
 logger = logging.getLogger(__name__)
 
@@ -365,8 +367,12 @@ def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
             # (with save_top_k=0 Lightning would write last.ckpt only when training ends).
             ModelCheckpoint(dirpath=run_dir, filename="{epoch:04d}", save_last=True, save_top_k=1)
         )
-    if t.progress_bar:
+    # a live bar on a terminal; plain lines into a redirected log (batch jobs), where a bar draws nothing
+    live_bar = t.progress_bar and sys.stdout.isatty()
+    if live_bar:
         callbacks.append(RichProgressBar())
+    elif t.progress_bar:
+        callbacks.append(LineProgress(every_n_steps=max(100, t.log_every_n_steps)))
     optional = {
         "limit_train_batches": t.limit_train_batches,
         "limit_val_batches": t.limit_val_batches,
@@ -388,7 +394,7 @@ def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
         enable_checkpointing=not t.fast_dev_run,
         logger=CSVLogger(save_dir=run_dir, name="logs"),
         default_root_dir=run_dir,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=live_bar,
         num_sanity_val_steps=0,
         **{k: v for k, v in optional.items() if v is not None},
     )
