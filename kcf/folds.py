@@ -37,12 +37,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import RichProgressBar
 from torch.utils.data import DataLoader, Sampler
 
 from kcf.data import HEADS, AngleBins, KCFDataset, KCFItem
 from kcf.model import KCFModule, OptimSettings, build_pose_classifier
 from prf.data.io import atomic_write_bytes, atomic_write_json
+from prf.train_progress import progress_callbacks
 
 FOLD_COLUMNS = (
     "image_id", "fold", "ce", "ce_azimuth", "ce_elevation", "ce_theta", "geodesic",
@@ -206,16 +206,15 @@ class SaveLastCheckpoint(pl.Callback):
 
 
 def _trainer(spec: FoldSpec, fold_dir: Path, extra: Sequence[pl.Callback] = ()) -> pl.Trainer:
-    callbacks: list[pl.Callback] = [SaveLastCheckpoint(fold_dir / "last.ckpt"), *extra]
-    if spec.progress_bar:
-        callbacks.append(RichProgressBar())
+    progress, live_bar = progress_callbacks(spec.progress_bar)
+    callbacks: list[pl.Callback] = [SaveLastCheckpoint(fold_dir / "last.ckpt"), *extra, *progress]
     return pl.Trainer(
         **spec.trainer,
         callbacks=callbacks,
         logger=False,
         default_root_dir=fold_dir,
         enable_checkpointing=False,
-        enable_progress_bar=spec.progress_bar,
+        enable_progress_bar=live_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
@@ -291,13 +290,14 @@ def score_fold(
     dataset = _dataset(spec, held_out, module)
     loader = _loader(dataset, spec.score_batch_size, spec.num_workers, False, spec.seed)
     started = time.perf_counter()
+    progress, live_bar = progress_callbacks(spec.progress_bar)
     trainer = pl.Trainer(
         **spec.trainer,
         logger=False,
-        enable_progress_bar=spec.progress_bar,
+        enable_progress_bar=live_bar,
         enable_model_summary=False,
         enable_checkpointing=False,
-        callbacks=[RichProgressBar()] if spec.progress_bar else [],
+        callbacks=progress,
     )
     outputs = trainer.predict(module, dataloaders=loader, return_predictions=True) or []
     seconds = time.perf_counter() - started

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from prf.body.smal import SMAL
@@ -35,7 +34,7 @@ from prf.data.transforms import DEFAULT_CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD
 from prf.models.heads import build_regressor_net
 from prf.models.losses import LossConfig
 from prf.models.regressor import VAL_METRICS, OptimConfig, RegressorModule
-from prf.train_progress import LineProgress
+from prf.train_progress import progress_callbacks
 
 logger = logging.getLogger(__name__)
 
@@ -367,12 +366,8 @@ def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
             # (with save_top_k=0 Lightning would write last.ckpt only when training ends).
             ModelCheckpoint(dirpath=run_dir, filename="{epoch:04d}", save_last=True, save_top_k=1)
         )
-    # a live bar on a terminal; plain lines into a redirected log (batch jobs), where a bar draws nothing
-    live_bar = t.progress_bar and sys.stdout.isatty()
-    if live_bar:
-        callbacks.append(RichProgressBar())
-    elif t.progress_bar:
-        callbacks.append(LineProgress(every_n_steps=max(100, t.log_every_n_steps)))
+    progress, live_bar = progress_callbacks(t.progress_bar, every_n_steps=max(100, t.log_every_n_steps))
+    callbacks += progress
     optional = {
         "limit_train_batches": t.limit_train_batches,
         "limit_val_batches": t.limit_val_batches,

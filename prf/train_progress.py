@@ -12,6 +12,7 @@ import time
 from typing import Any, TextIO
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import RichProgressBar
 
 # validation metrics worth a line, in this order (RegressorModule logs them as "val/<name>")
 _VAL_METRICS: tuple[str, ...] = ("loss", "pck_0.15", "pck_0.1", "s_mpjpe", "pa_mpjpe")
@@ -88,3 +89,13 @@ class LineProgress(pl.Callback):
         ]
         if values:
             self._print(f"epoch {trainer.current_epoch} validation: " + "  ".join(values))
+
+
+def progress_callbacks(enabled: bool, every_n_steps: int = 100) -> tuple[list[pl.Callback], bool]:
+    """(callbacks, enable_progress_bar) for a Trainer: a live rich bar when stdout is a terminal,
+    ``LineProgress`` when it is redirected (where a bar draws nothing), neither when ``enabled`` is False."""
+    if not enabled:
+        return [], False
+    if sys.stdout.isatty():
+        return [RichProgressBar()], True
+    return [LineProgress(every_n_steps=every_n_steps)], False

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import RichProgressBar
 
-from prf.train_progress import LineProgress, format_duration, total_steps
+from prf.train_progress import LineProgress, format_duration, progress_callbacks, total_steps
 
 
 def _trainer(step: int, **kwargs) -> SimpleNamespace:
@@ -54,3 +55,16 @@ def test_line_progress_reports_validation_metrics_on_rank_zero_only() -> None:
     assert out.getvalue() == "epoch 3 validation: pck_0.15 0.7931  s_mpjpe 119.5\n"
     with pytest.raises(ValueError, match="every_n_steps"):
         LineProgress(every_n_steps=0)
+
+
+def test_progress_callbacks_pick_a_live_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert progress_callbacks(False) == ([], False)
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # redirected: not a terminal
+    callbacks, live = progress_callbacks(True, every_n_steps=50)
+    assert not live and len(callbacks) == 1 and isinstance(callbacks[0], LineProgress)
+    assert callbacks[0].every_n_steps == 50
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True  # type: ignore[method-assign]
+    monkeypatch.setattr("sys.stdout", terminal)
+    callbacks, live = progress_callbacks(True)
+    assert live and isinstance(callbacks[0], RichProgressBar)
