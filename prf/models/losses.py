@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from prf.body.layout import FINE_PARTS, ROOT_KEYPOINT, fine_part_of_joint
+from prf.models.pare import cell_centres, expected_position
 
 IGNORE = -100  # cross-entropy ignore index
 
@@ -77,9 +78,8 @@ def betas_loss(pred: Tensor, target: Tensor, has_3d: Tensor) -> Tensor:
 
 def gaussian_heatmaps(target: Tensor, h: int, w: int, sigma_cells: float) -> Tensor:
     """Normalised Gaussian maps centred on ``target`` (B, K, 2) normalised [x, y] -> (B, K, h, w) summing to 1
-    (cell centres as in ``prf.models.pare.soft_argmax``; ``sigma_cells`` in cells of the map)."""
-    xs = (torch.arange(w, device=target.device, dtype=target.dtype) + 0.5) * (2.0 / w) - 1.0
-    ys = (torch.arange(h, device=target.device, dtype=target.dtype) + 0.5) * (2.0 / h) - 1.0
+    (cell centres as in ``prf.models.pare.cell_centres``; ``sigma_cells`` in cells of the map)."""
+    xs, ys = cell_centres(h, w, like=target)
     gx = -((xs - target[..., :1]) * (w / 2.0)).pow(2) / (2.0 * sigma_cells**2)  # (B, K, w)
     gy = -((ys - target[..., 1:]) * (h / 2.0)).pow(2) / (2.0 * sigma_cells**2)  # (B, K, h)
     logits = gy[..., :, None] + gx[..., None, :]  # (B, K, h, w)
@@ -194,12 +194,7 @@ def joint_attention_loss(attention: Tensor, joints_2d: Tensor, weight: Tensor) -
     Args:
         attention: (B, J, h, w) spatial softmax per joint; joints_2d: (B, J, 2) normalised; weight (B,).
     """
-    h, w = attention.shape[-2:]
-    xs = (torch.arange(w, device=attention.device, dtype=attention.dtype) + 0.5) * (2.0 / w) - 1.0
-    ys = (torch.arange(h, device=attention.device, dtype=attention.dtype) + 0.5) * (2.0 / h) - 1.0
-    centre = torch.stack(
-        [(attention.sum(dim=2) * xs).sum(dim=-1), (attention.sum(dim=3) * ys).sum(dim=-1)], -1
-    )
+    centre = expected_position(attention)
     return _masked_mean((centre - joints_2d).abs().mean(dim=(1, 2)), weight)
 
 

@@ -70,15 +70,26 @@ def _branch(in_channels: int, width: int, out_channels: int, num_convs: int, ups
     return nn.Sequential(*layers)
 
 
+def cell_centres(h: int, w: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell centres of an h x w map in normalised crop coordinates, xs (w,) and ys (h,) on ``like``'s device
+    and dtype: cell i's centre at (i + 0.5) * 2 / w - 1, the convention of the crops."""
+    xs = (torch.arange(w, device=like.device, dtype=like.dtype) + 0.5) * (2.0 / w) - 1.0
+    ys = (torch.arange(h, device=like.device, dtype=like.dtype) + 0.5) * (2.0 / h) - 1.0
+    return xs, ys
+
+
+def expected_position(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) maps summing to 1 -> their expected position (B, K, 2) [x, y], normalised coordinates."""
+    xs, ys = cell_centres(*heatmaps.shape[-2:], like=heatmaps)
+    return torch.stack([(heatmaps.sum(dim=2) * xs).sum(-1), (heatmaps.sum(dim=3) * ys).sum(-1)], dim=-1)
+
+
 def soft_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K, h, w) logits -> spatial softmax (B, K, h, w) and its expected position (B, K, 2) [x, y] in
-    normalised coordinates (cell i's centre at (i + 0.5) * 2 / w - 1, the convention of the crops)."""
+    normalised coordinates (``cell_centres``)."""
     B, K, h, w = logits.shape
     heatmaps = F.softmax(logits.reshape(B, K, h * w), dim=-1).reshape(B, K, h, w)
-    xs = (torch.arange(w, device=logits.device, dtype=logits.dtype) + 0.5) * (2.0 / w) - 1.0
-    ys = (torch.arange(h, device=logits.device, dtype=logits.dtype) + 0.5) * (2.0 / h) - 1.0
-    position = torch.stack([(heatmaps.sum(dim=2) * xs).sum(-1), (heatmaps.sum(dim=3) * ys).sum(-1)], dim=-1)
-    return heatmaps, position
+    return heatmaps, expected_position(heatmaps)
 
 
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
