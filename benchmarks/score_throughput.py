@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from prf.models.regressor import run_regressor  # noqa: E402
+from prf.models.inference import run_regressor  # noqa: E402
 from prf.predictor import Predictor  # noqa: E402
 from prf.score import REPO_ROOT, score  # noqa: E402
 

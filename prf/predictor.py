@@ -41,7 +41,7 @@ from torch import Tensor
 from prf.body.smal import SMAL
 from prf.checkpoint import build_net_from_export, check_layout, load_export, sha256_file
 from prf.data.transforms import crop_camera, crop_image, from_normalised, normalise_image
-from prf.models.regressor import DENSE_OUTPUTS, image_keypoints, keypoint_only_smal, run_regressor
+from prf.models.inference import DENSE_OUTPUTS, image_keypoints, keypoint_only_smal, run_regressor
 
 
 @dataclass

@@ -41,7 +41,7 @@ from prf.data.animal3d import SampleRef
 from prf.data.inputs import detect_input, iter_samples
 from prf.data.transforms import from_normalised, normalise_batch
 from prf.models.heads import RegressorOutput
-from prf.models.regressor import image_keypoints, run_regressor
+from prf.models.inference import image_keypoints, run_regressor
 from prf.predictor import Predictor
 from prf.score_data import CropSpec, ScoreDataset, collate_items, worker_init
 from prf.score_io import (
@@ -309,10 +309,11 @@ def score(
     models: Sequence[str | os.PathLike[str]] | None = None,
     out: str | os.PathLike[str] = "scores.parquet",
     batch_size: int = 32,
-    workers: int = 0,
+    workers: int | None = 0,
     device: str = "auto",
     limit: int | None = None,
     *,
+    processes: int | None = 1,
     smal: SMAL | None = None,
     quiet: bool = False,
     flush_rows: int = 1024,
@@ -325,31 +326,53 @@ def score(
     before any model is loaded. Rows are streamed to part files (every ``flush_rows`` rows or 30 s); a
     rerun with the same ``out`` skips the images already scored (prf.score_io). ``limit`` scores only the
     first N input images; ``device``: "auto", "cpu", "cuda", "cuda:1", ...; AMP (float16) on CUDA.
+    ``processes`` > 1 shares a CPU's cores between that many scoring processes (prf.score_parallel),
+    each decoding inline; None picks the number (``default_processes``: one per core on a CPU with enough
+    images, else 1). ``workers`` None picks the decode workers of a one-process run (``default_workers``).
     """
+    # imported here: prf.score_parallel builds on this module
+    from prf.score_parallel import check_processes, chunks_in, default_processes, score_in_processes
+
     check_run_options(batch_size, workers, limit, flush_rows)
+    torch_device = resolve_device(device)
+    check_processes(processes, torch_device, workers)
     started = time.perf_counter()
     plan = plan_run(input_path, thresholds_path, models, out, limit)
-    torch_device = resolve_device(device)
     if plan.todo:
-        scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch_device, smal)
-        plan.store.start(plan.provenance)
-        num_joints = scoring[0].predictor.body.num_joints
-        loader = make_loader(plan.todo, specs, num_joints, batch_size, workers, torch_device.type == "cuda")
+        count = default_processes(torch_device, workers, len(plan.todo)) if processes is None else processes
+        count = min(count, chunks_in(plan, batch_size))
         progress = Progress(
-            TextColumn("[bold]score[/]"),
+            TextColumn("[bold]score[/]" if count == 1 else f"[bold]score[/] ({count} processes)"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             console=console or Console(stderr=True),
             disable=quiet,
         )
-        _drive(scoring, loader, plan.store, plan.schema, plan.thresholds.config.combine, flush_rows, progress)
+        if count == 1 and workers is None:
+            workers = default_workers(device)
+        if count > 1:
+            with progress:
+                task = progress.add_task("score", total=len(plan.todo))
+                score_in_processes(
+                    plan, count, batch_size, flush_rows, smal,
+                    lambda done: progress.update(task, completed=done),
+                )  # fmt: skip
+        else:
+            scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch_device, smal)
+            plan.store.start(plan.provenance)
+            num_joints = scoring[0].predictor.body.num_joints
+            loader = make_loader(
+                plan.todo, specs, num_joints, batch_size, workers or 0, torch_device.type == "cuda"
+            )
+            combine = plan.thresholds.config.combine
+            _drive(scoring, loader, plan.store, plan.schema, combine, flush_rows, progress)
     return finish_run(plan, started)
 
 
-def check_run_options(batch_size: int, workers: int, limit: int | None, flush_rows: int) -> None:
+def check_run_options(batch_size: int, workers: int | None, limit: int | None, flush_rows: int) -> None:
     """The numeric options of a scoring run (one or several processes), checked before any work."""
-    if batch_size < 1 or workers < 0 or (limit is not None and limit < 1) or flush_rows < 1:
+    if batch_size < 1 or (workers or 0) < 0 or (limit is not None and limit < 1) or flush_rows < 1:
         raise ValueError("need batch_size >= 1, workers >= 0, limit >= 1 (or none) and flush_rows >= 1")
 
 
