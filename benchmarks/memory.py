@@ -100,6 +100,7 @@ def main() -> None:
                 "score", str(batch), "--thresholds", str(thresholds), "--models", f"{a},{b}",
                 "--out", str(work / f"scores{n}.parquet"), "--batch-size", str(args.batch_size),
                 "--workers", str(args.workers), "--device", "cpu", "--quiet",
+                "--processes", "1",  # one layout for both sizes (auto would add a process at 2000+)
             ])  # fmt: skip
             for command, got in (("generate", generated), ("score", scored)):
                 results["runs"].append({"command": command, "images": n, **got})

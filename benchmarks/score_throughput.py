@@ -1,26 +1,40 @@
 """PRF scoring throughput: end-to-end `prf score` images/s against the raw forward pass of the two models.
 
-    python benchmarks/score_throughput.py BATCH [--models A.pt B.pt] [--batch-size 32] [--workers 1]
-        [--limit N]
+    python benchmarks/score_throughput.py BATCH [--models A.pt B.pt] [--batch-size 32] [--processes P]
+        [--limit N] [--repeats 3]
+
+Two layouts of the machine's cores are measured: one process with every core's torch threads, and
+P processes with cores / P threads each (``prf score --processes``; P defaults to the number of cores, what
+``prf score`` picks on a CPU for a large batch). For each layout:
 
 - raw: both regressors (net + SMAL in the loop, with the flip test when the checkpoint uses it, as scoring
-  does) on pre-made crops already in memory, same batch size, no decoding, no metrics, no I/O: the ceiling
-  scoring could reach on this machine.
-- end to end: `prf.score.score` on the BATCH (decode in DataLoader workers, crop, both models, metrics,
-  verdicts, streamed Parquet, keep/reject lists).
-The ratio end-to-end / raw is the figure of merit (issue target >= 0.8), measured in ``--repeats`` rounds of
-(end to end, raw) back to back; the round with the median ratio is reported, every round is kept. Results
-go to benchmarks/results/score_throughput.json with the machine they ran on.
+  does) on pre-made crops already in memory, same batch size, no decoding, no metrics, no I/O, in P
+  processes at once (each spawned, loaded and warmed up, then started together): the ceiling scoring
+  could reach on this machine in that layout. Images/s = all images / (last end - first start).
+- end to end: one ``prf.score.score`` call on the BATCH with ``processes=P`` (model loading, listing the
+  batch, starting the other processes, decoding, cropping, both models, metrics, verdicts, streamed
+  Parquet, the merge and the keep/reject lists all included).
+- marginal: (N - N/2) / (t(N) - t(N/2)) from end-to-end calls on the whole batch (N images) and on its
+  first half: the images/s of a long run, without the fixed costs of a call (imports of the spawned
+  processes, model loading, the merge), which the raw figure leaves out too.
+
+The ratio end-to-end / raw of the same layout is the figure of merit (issue target >= 0.8), measured in
+``--repeats`` rounds of (end to end, raw) for each layout back to back: on a shared machine the speed
+drifts between minutes, so a ratio of adjacent measurements is steadier than one of averages. The round
+with the median ratio (and the one with the median marginal ratio) is reported per layout; every round
+is kept. Results go to benchmarks/results/score_throughput.json with the machine they ran on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -32,43 +46,94 @@ from benchmarks import common  # noqa: E402
 from prf.models.inference import run_regressor  # noqa: E402
 from prf.predictor import Predictor  # noqa: E402
 from prf.score import REPO_ROOT, score  # noqa: E402
+from prf.score_parallel import usable_cores  # noqa: E402
 
 DEFAULT_MODELS = [REPO_ROOT / "checkpoints" / "prf_model_a.pt", REPO_ROOT / "checkpoints" / "prf_model_b.pt"]
 
 
-def raw_forward_images_per_s(models: list[Path], batch_size: int, batches: int) -> float:
-    """Images/s of running every model on in-memory crops (one crop batch per model input size)."""
+def _raw_forward_process(
+    models: list[Path], batch_size: int, batches: int, threads: int, barrier: Any, results: Any
+) -> None:
+    """One process of the raw measurement: load, warm up, wait for the others, time ``batches`` batches
+    of every model; puts (start, end, images) on ``results`` (time.monotonic, shared by all processes)."""
+    torch.set_num_threads(threads)
     predictors = [Predictor.from_checkpoint(m) for m in models]
     crops = {p.input_size: torch.randn(batch_size, 3, p.input_size, p.input_size) for p in predictors}
     cams = torch.tensor([[200.0, 32.0, 32.0]]).repeat(batch_size, 1)
-    with torch.inference_mode():
-        for p in predictors:  # warm-up
+
+    def forward_all() -> None:
+        for p in predictors:
             cam = cams if p.projection == "perspective" else None
             run_regressor(p.net, p.body, crops[p.input_size], cam, p.flip_test)
-        started = time.perf_counter()
+
+    with torch.inference_mode():
+        forward_all()  # warm-up
+        barrier.wait()
+        started = time.monotonic()
         for _ in range(batches):
-            for p in predictors:
-                cam = cams if p.projection == "perspective" else None
-                run_regressor(p.net, p.body, crops[p.input_size], cam, p.flip_test)
-        elapsed = time.perf_counter() - started
-    return batches * batch_size / elapsed
+            forward_all()
+        results.put((started, time.monotonic(), batches * batch_size))
 
 
-def end_to_end_images_per_s(
-    batch: Path, models: list[Path], batch_size: int, workers: int, limit: int | None = None
+def raw_forward_images_per_s(models: list[Path], batch_size: int, images: int, processes: int) -> float:
+    """Images/s of every model on in-memory crops in ``processes`` processes at once (module docstring),
+    about ``images`` images in all."""
+    threads = max(1, usable_cores() // processes)
+    batches = max(3, images // (batch_size * processes))
+    context = mp.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    workers = [
+        context.Process(
+            target=_raw_forward_process, args=(models, batch_size, batches, threads, barrier, results)
+        )
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    spans = [results.get(timeout=1800) for _ in workers]
+    for worker in workers:
+        worker.join()
+        if worker.exitcode != 0:
+            raise RuntimeError(f"a raw-forward process failed (exit code {worker.exitcode})")
+    first, last = min(span[0] for span in spans), max(span[1] for span in spans)
+    return sum(span[2] for span in spans) / (last - first)
+
+
+def end_to_end_seconds(
+    batch: Path, models: list[Path], batch_size: int, processes: int, limit: int | None = None
 ) -> tuple[float, int]:
-    """Images/s of a whole ``prf.score.score`` call (model loading, planning and the final merge included)
-    on the first ``limit`` images of ``batch``; returns (images/s, images scored)."""
+    """Seconds of a whole ``prf.score.score`` call with ``processes`` processes (decoding inline) on the
+    first ``limit`` images of ``batch``; returns (seconds, images scored)."""
     thresholds = REPO_ROOT / "examples" / "thresholds-paper.yaml"
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         summary = score(
             batch, thresholds, [str(m) for m in models], Path(tmp) / "s" / "scores.parquet",
-            batch_size=batch_size, workers=workers, device="cpu", limit=limit, quiet=True,
+            batch_size=batch_size, workers=0, device="cpu", limit=limit, quiet=True, processes=processes,
         )  # fmt: skip
         elapsed = time.perf_counter() - started
-    count = int(summary.as_dict()["total"])
-    return count / elapsed, count
+    return elapsed, int(summary.as_dict()["total"])
+
+
+def measure_round(args: argparse.Namespace, processes: int) -> dict[str, float]:
+    """One round of one layout: the whole batch end to end, its first half end to end, the raw forward."""
+    models = list(args.models)
+    seconds, count = end_to_end_seconds(args.batch, models, args.batch_size, processes, args.limit)
+    half_seconds, half = end_to_end_seconds(args.batch, models, args.batch_size, processes, count // 2)
+    raw = raw_forward_images_per_s(models, args.batch_size, count, processes)
+    e2e, marginal = count / seconds, (count - half) / (seconds - half_seconds)
+    return {
+        "images": count,
+        "end_to_end_images_per_s": e2e,
+        "marginal_images_per_s": marginal,
+        "raw_forward_images_per_s": raw,
+        "ratio": e2e / raw,
+        "marginal_ratio": marginal / raw,
+    }
+
+
+def median_by(rounds: list[dict[str, float]], key: str) -> dict[str, float]:
+    return sorted(rounds, key=lambda r: r[key])[len(rounds) // 2]
 
 
 def main() -> None:
@@ -78,34 +143,42 @@ def main() -> None:
     parser.add_argument("batch", type=Path)
     parser.add_argument("--models", type=Path, nargs=2, default=DEFAULT_MODELS)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--processes", type=int, default=usable_cores(), help="the several-process layout (default: cores)"
+    )
     parser.add_argument("--limit", type=int, help="score only the first N images (default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of (end to end, raw); median kept")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per layout; the median is kept")
     parser.add_argument(
         "--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "score_throughput.json"
     )
     args = parser.parse_args()
-    rounds = []
+    cores = usable_cores()
+    layouts = sorted({1, args.processes})
+    rounds: dict[int, list[dict[str, float]]] = {processes: [] for processes in layouts}
     for _ in range(args.repeats):
-        # e2e and raw back to back in each round: on a shared machine the speed drifts between minutes,
-        # so a ratio of two adjacent measurements is steadier than a ratio of two averages
-        e2e, count = end_to_end_images_per_s(
-            args.batch, list(args.models), args.batch_size, args.workers, args.limit
-        )
-        raw = raw_forward_images_per_s(
-            list(args.models), args.batch_size, batches=max(3, count // args.batch_size)
-        )
-        rounds.append({"end_to_end_images_per_s": e2e, "raw_forward_images_per_s": raw, "ratio": e2e / raw})
-    median = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
+        for processes in layouts:
+            got = measure_round(args, processes)
+            rounds[processes].append(got)
+            print(
+                f"{processes} process(es): end to end {got['end_to_end_images_per_s']:.1f}, marginal "
+                f"{got['marginal_images_per_s']:.1f}, raw {got['raw_forward_images_per_s']:.1f} images/s",
+                flush=True,
+            )
     result = {
         "machine": common.machine(),
         "batch": str(args.batch),
-        "images": count,
         "batch_size": args.batch_size,
-        "workers": args.workers,
-        "torch_threads": torch.get_num_threads(),
-        **median,
-        "rounds": rounds,
+        "cores": cores,
+        "layouts": [
+            {
+                "processes": processes,
+                "torch_threads_per_process": max(1, cores // processes),
+                "median_ratio_round": median_by(rounds[processes], "ratio"),
+                "median_marginal_ratio_round": median_by(rounds[processes], "marginal_ratio"),
+                "rounds": rounds[processes],
+            }
+            for processes in layouts
+        ],
     }
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,15 @@
 """``prf score --processes N``: one machine's CPU cores shared by N scoring processes.
 
 Why: the regressors are small, and their convolutions gain little from a second torch thread. On the
-2-core machine of benchmarks/README.md, both models run 137 images/s with 2 threads in one process but
-194 images/s in total as two 1-thread processes. So on a CPU, N processes with cores // N threads each
-score faster than one process with every core.
+2-core machine of benchmarks/README.md, both models run 144-154 images/s with 2 threads in one process
+but 168-201 images/s in total as two 1-thread processes, and scoring end to end is 17-25% faster. So on
+a CPU, N processes with cores // N threads each score faster than one process with every core.
 
 How the work is shared: the images still to score (``RunPlan.todo``) are cut into chunks of
 ``CHUNK_BATCHES`` batches. Every process takes the next chunk from a shared counter until none are left:
 the calling process as rank 0, spawned ones as ranks 1 .. N-1. A process that starts late (a spawned one
-imports torch first, a few seconds) or runs slow simply takes fewer chunks. Until the first spawned process
-is ready, the caller keeps every core's threads.
+imports torch first, a few seconds) or runs slow simply takes fewer chunks. Every process, the caller
+included, runs cores // N torch threads from the start, so the spawned ones import on free cores.
 
 Each process writes its rows to its own part files (``PartStore`` rank r, ``part-rRRRRR-NNNNNN.parquet``).
 The caller merges them once all have finished (prf.score.finish_run). In the merged table the rows follow
@@ -84,12 +84,11 @@ def check_processes(processes: int | None, device: torch.device, workers: int | 
 
 
 class _SharedCounters:
-    """Counters every process of a run sees: the next chunk to take, images done, spawned ranks ready."""
+    """Counters every process of a run sees: the next chunk to take and the images done."""
 
     def __init__(self, context: Any) -> None:
         self.next_chunk: Synchronized = context.Value("q", 0)
         self.done: Synchronized = context.Value("q", 0)
-        self.ready: Synchronized = context.Value("i", 0)
 
     def take_chunk(self) -> int:
         with self.next_chunk.get_lock():
@@ -120,9 +119,6 @@ def _score_chunks(
     chunk = CHUNK_BATCHES * batch_size
     buffer: list[dict[str, Any]] = []
     last_flush = time.monotonic()
-    if rank > 0:
-        with counters.ready.get_lock():
-            counters.ready.value += 1
     try:
         while (start := counters.take_chunk() * chunk) < len(plan.todo):
             refs = plan.todo[start : start + chunk]
@@ -204,16 +200,12 @@ def score_in_processes(
     starter.start()
     own_threads = torch.get_num_threads()
 
-    def before_batch() -> None:
-        # alone, this process keeps every core; as the others get ready, its share shrinks to ``threads``
-        ready = counters.ready.value
-        wanted = max(1, cores // (1 + ready)) if ready < processes - 1 else threads
-        if torch.get_num_threads() != wanted:
-            torch.set_num_threads(wanted)
-        on_progress(counters.done.value)
-
     try:
-        _score_chunks(0, plan, smal, batch_size, flush_rows, counters, before_batch)
+        # its share from the start: the spawned processes import torch on the other cores meanwhile, and
+        # start scoring sooner than when this process keeps every core (measured: benchmarks/README.md)
+        torch.set_num_threads(threads)
+        progress = lambda: on_progress(counters.done.value)  # noqa: E731
+        _score_chunks(0, plan, smal, batch_size, flush_rows, counters, progress)
         starter.join()
         for process in started(spawned):
             while process.is_alive():

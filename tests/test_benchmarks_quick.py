@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,3 +28,24 @@ def test_downstream_seg_quick_trains_and_scores(tmp_path: Path) -> None:
     result = run_downstream_seg([0], quick=True, out_dir=tmp_path)
     assert (tmp_path / "downstream_seg.json").is_file()
     assert "oracle" in str(result)
+
+
+def test_score_throughput_measures_both_layouts(tmp_path: Path) -> None:
+    import subprocess
+
+    from test_score import make_env
+
+    env = make_env(tmp_path / "env", n=16)
+    out = tmp_path / "throughput.json"
+    command = [
+        sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "score_throughput.py"),
+        str(env.batch), "--models", str(env.a), str(env.b), "--batch-size", "4", "--processes", "2",
+        "--repeats", "1", "--out", str(out),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    layouts = json.loads(out.read_text())["layouts"]
+    assert [layout["processes"] for layout in layouts] == [1, 2]
+    for layout in layouts:
+        measured = layout["median_ratio_round"]
+        assert measured["images"] == 16
+        assert measured["end_to_end_images_per_s"] > 0 and measured["raw_forward_images_per_s"] > 0
