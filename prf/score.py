@@ -12,8 +12,8 @@ fails); the final verdict combines the models (``all``: every model keeps it, th
 
 Structure (so that a Lightning predict loop can drive it later for several devices): ``ScoreDataset`` /
 ``collate_items`` (prf.score_data) decode each image once in DataLoader workers; ``score_batch`` is a pure
-function batch -> rows; ``score`` is the single-process driver that streams rows to part files
-(prf.score_io) and merges them.
+function batch -> rows; ``score`` is the driver that streams rows to part files (prf.score_io) and merges
+them, in this process or shared with spawned ones on a CPU (prf.score_parallel).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import queue
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
@@ -84,11 +85,13 @@ def check_processes(processes: int | None, device: torch.device, workers: int | 
 
 
 class _SharedCounters:
-    """Counters every process of a run sees: the next chunk to take and the images done."""
+    """Counters every process of a run sees: the next chunk to take, images scored (for progress) and
+    images whose rows are in a part file (a process killed with rows in its buffer loses them)."""
 
     def __init__(self, context: Any) -> None:
         self.next_chunk: Synchronized = context.Value("q", 0)
         self.done: Synchronized = context.Value("q", 0)
+        self.saved: Synchronized = context.Value("q", 0)
 
     def take_chunk(self) -> int:
         with self.next_chunk.get_lock():
@@ -96,9 +99,10 @@ class _SharedCounters:
             self.next_chunk.value += 1
         return index
 
-    def add_done(self, count: int) -> None:
-        with self.done.get_lock():
-            self.done.value += count
+    @staticmethod
+    def add(counter: Synchronized, count: int) -> None:
+        with counter.get_lock():
+            counter.value += count
 
 
 def _score_chunks(
@@ -126,13 +130,15 @@ def _score_chunks(
                 before_batch()
                 items = [load_item(ref, specs, num_joints) for ref in refs[first : first + batch_size]]
                 buffer.extend(score_batch(models, collate_items(items), combine))
-                counters.add_done(len(items))
+                counters.add(counters.done, len(items))
                 if len(buffer) >= flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
                     store.write(buffer, plan.schema)
+                    counters.add(counters.saved, len(buffer))
                     buffer, last_flush = [], time.monotonic()
     finally:
         if buffer:  # finished rows are complete: keep them even when the run is interrupted
             store.write(buffer, plan.schema)
+            counters.add(counters.saved, len(buffer))
 
 
 def _spawned_rank(
@@ -149,9 +155,7 @@ def _spawned_rank(
     torch.set_num_threads(threads)
     try:
         _score_chunks(rank, plan, smal, batch_size, flush_rows, counters)
-    except KeyboardInterrupt:
-        pass  # the whole process group was interrupted; the caller reports it
-    except BaseException as err:
+    except BaseException as err:  # Ctrl-C too: a chunk it took is unfinished, so the caller must know
         errors.put(f"process {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
         raise SystemExit(1) from None
 
@@ -167,9 +171,12 @@ def score_in_processes(
     """Score ``plan.todo`` with ``processes`` processes (module docstring); ``on_progress(images_done)``
     is called in this process after each of its batches and while it waits for the others.
 
+    A spawned process that fails (or does not start) is a warning with its traceback when the others
+    scored every image anyway (they take the chunks it leaves).
+
     Raises:
-        RuntimeError: a spawned process failed (its traceback included); the rows already written stay
-            in the parts folder, and rerunning the same command scores the rest.
+        RuntimeError: a spawned process failed with images left unscored (its traceback included); the
+            rows already written stay in the parts folder, and rerunning the same command scores the rest.
     """
     cores = usable_cores()
     threads = max(1, cores // processes)
@@ -221,19 +228,26 @@ def score_in_processes(
                 process.terminate()
                 process.join()
     failures = [process for process in started(spawned) if process.exitcode != 0]
-    if failures or start_errors:
-        messages = list(start_errors)
-        while True:
-            try:
-                messages.append(errors.get(timeout=0.1))
-            except queue.Empty:
-                break
-        messages += [f"{p.name} exit code {p.exitcode}" for p in failures]
-        raise RuntimeError(
-            f"{len(failures) + len(start_errors)} of {processes - 1} spawned scoring processes failed; the "
-            f"rows already scored are kept in {PartStore(plan.out).dir}, and rerunning the same command "
-            "scores the rest.\n" + "\n".join(messages)
-        )
+    if not failures and not start_errors:
+        return
+    messages = list(start_errors)
+    while True:
+        try:
+            messages.append(errors.get(timeout=0.1))
+        except queue.Empty:
+            break
+    messages += [f"{p.name} exit code {p.exitcode}" for p in failures]
+    what = f"{len(failures) + len(start_errors)} of {processes - 1} spawned scoring processes failed"
+    unfinished = len(plan.todo) - counters.saved.value
+    if unfinished == 0:  # the others took its share: the table is whole, but the user should know
+        message = f"{what}; the other processes scored every image.\n" + "\n".join(messages)
+        warnings.warn(message, stacklevel=2)
+        return
+    raise RuntimeError(
+        f"{what} and {unfinished} of {len(plan.todo)} images were not scored; the rows already scored are "
+        f"kept in {PartStore(plan.out).dir}, and rerunning the same command scores the rest.\n"
+        + "\n".join(messages)
+    )
 
 
 def started(processes: list[Any]) -> list[Any]:

@@ -39,24 +39,14 @@ def test_two_processes_give_exactly_the_rows_of_one(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     one = run(env, tmp_path / "one" / "scores.parquet", processes=1)
-    # The caller waits until the spawned process has taken the first chunk: alone, it would finish 12
-    # images before the other process has imported torch. (The caller's own chunk loop is the one the
-    # failure test below runs.)
-    real_chunks, merged_parts = score_parallel._score_chunks, []
-
-    def caller_waits(rank, plan, smal, batch_size, flush_rows, counters, before_batch):
-        deadline = time.monotonic() + 300
-        while counters.next_chunk.value == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        real_chunks(rank, plan, smal, batch_size, flush_rows, counters, before_batch)
-
+    caller_waits_for_spawned(monkeypatch)
+    merged_parts: list[str] = []
     real_cleanup = score_io.PartStore.cleanup
 
     def cleanup(store: score_io.PartStore) -> None:
         merged_parts.extend(part.name for part in store.part_files())
         real_cleanup(store)
 
-    monkeypatch.setattr(score_parallel, "_score_chunks", caller_waits)
     monkeypatch.setattr(score_io.PartStore, "cleanup", cleanup)
     two = run(env, tmp_path / "two" / "scores.parquet", processes=2)
     assert any(name.startswith("part-r00001-") for name in merged_parts)  # the spawned process's rows
@@ -65,28 +55,61 @@ def test_two_processes_give_exactly_the_rows_of_one(
     assert not (tmp_path / "two" / "scores.parquet.parts").exists()
 
 
-def broken_rank(rank: int, plan, *args) -> None:
-    """A spawned rank whose checkpoint is missing: it fails in load_models, as a real fault would."""
+def caller_waits_for_spawned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the calling process start only once the spawned one has taken the first chunk: alone, it would
+    finish 12 images before the other process has imported torch."""
+    real_chunks = score_parallel._score_chunks
+
+    def waits(rank, plan, smal, batch_size, flush_rows, counters, before_batch):
+        deadline = time.monotonic() + 300
+        while counters.next_chunk.value == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        real_chunks(rank, plan, smal, batch_size, flush_rows, counters, before_batch)
+
+    monkeypatch.setattr(score_parallel, "_score_chunks", waits)
+
+
+def rank_without_checkpoints(rank: int, plan, *args) -> None:
+    """A spawned rank whose checkpoints are missing: it fails in load_models, before taking any chunk."""
     missing = {name: Path(f"/nonexistent/{name}.pt") for name in plan.checkpoints}
     score_parallel._spawned_rank(rank, dataclasses.replace(plan, checkpoints=missing), *args)
 
 
+def rank_crashing_in_its_chunk(rank, plan, smal, batch_size, flush_rows, counters, threads, errors) -> None:
+    """A spawned rank that takes a chunk and dies before writing any of its rows."""
+    counters.take_chunk()
+    errors.put(f"process {rank}: RuntimeError: simulated crash")
+    raise SystemExit(1)
+
+
 @pytest.mark.slow
-def test_a_failed_process_is_reported_and_a_rerun_finishes_the_table(
+def test_a_process_that_fails_before_any_work_is_a_warning(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads = torch.get_num_threads()
-    # spawn pickles the target by name: the child imports this test module and runs broken_rank
-    monkeypatch.setattr(score_parallel, "_spawned_rank", broken_rank)
+    # spawn pickles the target by name: the child imports this test module and runs the function
+    monkeypatch.setattr(score_parallel, "_spawned_rank", rank_without_checkpoints)
     out = tmp_path / "s" / "scores.parquet"
-    with pytest.raises(RuntimeError, match=r"(?s)1 of 1 spawned scoring processes failed.*process 1: "):
-        score(env.batch, env.loose, [env.a, env.b], out, batch_size=BATCH_SIZE, quiet=True, processes=2)
+    with pytest.warns(UserWarning, match=r"(?s)1 of 1 spawned .* failed; the other processes scored"):
+        table = run(env, out, processes=2)
     assert torch.get_num_threads() == threads
+    pd.testing.assert_frame_equal(table, run(env, tmp_path / "one" / "scores.parquet"))
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_with_a_chunk_fails_the_run_and_a_rerun_finishes(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(score_parallel, "_spawned_rank", rank_crashing_in_its_chunk)
+    caller_waits_for_spawned(monkeypatch)
+    out = tmp_path / "s" / "scores.parquet"
+    with pytest.raises(RuntimeError, match=r"(?s)failed and 8 of 12 images were not scored.*simulated"):
+        run(env, out, processes=2)
     parts = out.with_name("scores.parquet.parts")
     assert not out.exists() and list(parts.glob("part-r00000-*.parquet"))  # the caller's rows are kept
     monkeypatch.undo()
     summary = score(env.batch, env.loose, [env.a, env.b], out, batch_size=BATCH_SIZE, quiet=True)
-    assert summary.scored_now + summary.skipped == N_IMAGES and summary.skipped > 0
+    assert (summary.scored_now, summary.skipped) == (8, 4)
     whole = run(env, tmp_path / "whole" / "scores.parquet")
     got = pd.read_parquet(out).sort_values("source_index").reset_index(drop=True)
     pd.testing.assert_frame_equal(got, whole, check_exact=False, rtol=1e-6, atol=1e-4)
