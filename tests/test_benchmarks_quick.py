@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,8 +32,6 @@ def test_downstream_seg_quick_trains_and_scores(tmp_path: Path) -> None:
 
 
 def test_score_throughput_measures_both_layouts(tmp_path: Path) -> None:
-    import subprocess
-
     from test_score import make_env
 
     env = make_env(tmp_path / "env", n=16)
