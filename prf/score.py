@@ -48,6 +48,7 @@ from prf.score_io import (
     SCORES_FORMAT,
     SCORES_FORMAT_VERSION,
     PartStore,
+    PartWriter,
     ScoreSummary,
     check_compatible,
     image_ids,
@@ -63,7 +64,6 @@ from prf.score_io import (
 from prf.thresholds import METRICS, ModelThresholds, ThresholdsFile, load_thresholds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FLUSH_SECONDS = 30.0
 
 
 @dataclass
@@ -475,17 +475,12 @@ def _drive(
 ) -> None:
     """The single-process driver: batches -> score_batch -> part files (flushed on the way out too)."""
     amp = models[0].predictor.device.type == "cuda"
-    buffer: list[dict] = []
-    last_flush = time.monotonic()
+    writer = PartWriter(store, schema, flush_rows)
     try:
         with progress:
             task = progress.add_task("score", total=len(loader.dataset))
             for batch in loader:
-                buffer.extend(score_batch(models, batch, combine, amp))
+                writer.extend(score_batch(models, batch, combine, amp))
                 progress.advance(task, len(batch["image_id"]))
-                if len(buffer) >= flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
-                    store.write(buffer, schema)
-                    buffer, last_flush = [], time.monotonic()
     finally:
-        if buffer:  # finished rows are complete: keep them even when the run is interrupted
-            store.write(buffer, schema)
+        writer.flush()  # finished rows are complete: keep them even when the run is interrupted

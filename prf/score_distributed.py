@@ -39,9 +39,7 @@ from prf.score import (
     plan_run,
     score_batch,
 )
-from prf.score_io import PartStore, ScoreSummary
-
-FLUSH_SECONDS = 30.0
+from prf.score_io import PartStore, PartWriter, ScoreSummary
 
 
 def launched_rank(devices: int) -> int:
@@ -71,9 +69,7 @@ class ScoreModule(pl.LightningModule):
         self.scoring = models
         self.plan = plan
         self.flush_rows = flush_rows
-        self.store: PartStore | None = None
-        self.buffer: list[dict[str, Any]] = []
-        self.last_flush = time.monotonic()
+        self.writer: PartWriter | None = None
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device
@@ -82,28 +78,24 @@ class ScoreModule(pl.LightningModule):
             predictor.device = device
             predictor.net = predictor.net.to(device).eval()
             predictor.body = predictor.body.to(device).eval()
-        self.store = PartStore(self.plan.out, self.trainer.global_rank)
-        self.store.start(self.plan.provenance)
+        store = PartStore(self.plan.out, self.trainer.global_rank)
+        store.start(self.plan.provenance)
+        self.writer = PartWriter(store, self.plan.schema, self.flush_rows)
         # no rank writes a part before every rank has listed what was already scored (module docstring)
         self.trainer.strategy.barrier("prf-score-planned")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         amp = self.trainer.strategy.root_device.type == "cuda"
-        self.buffer.extend(score_batch(self.scoring, batch, self.plan.thresholds.config.combine, amp))
-        if len(self.buffer) >= self.flush_rows or time.monotonic() - self.last_flush > FLUSH_SECONDS:
-            self._flush()
+        assert self.writer is not None, "setup() makes the writer"
+        self.writer.extend(score_batch(self.scoring, batch, self.plan.thresholds.config.combine, amp))
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch  # score_batch moves only the scorable rows, in the dtype each model needs
 
     def on_predict_end(self) -> None:
-        self._flush()
+        if self.writer is not None:
+            self.writer.flush()
         self.trainer.strategy.barrier("prf-score-flushed")  # rank 0 merges once every rank has written
-
-    def _flush(self) -> None:
-        if self.buffer and self.store is not None:
-            self.store.write(self.buffer, self.plan.schema)
-        self.buffer, self.last_flush = [], time.monotonic()
 
 
 def score_distributed(

@@ -17,8 +17,9 @@ import importlib.metadata
 import json
 import math
 import os
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ SCORES_FORMAT = "prf-scores"
 SCORES_FORMAT_VERSION = 1
 METADATA_KEY = b"prf_scores"
 MERGE_ROWS = 4096  # rows per row group of the merged file
+FLUSH_SECONDS = 30.0  # a scoring process writes its buffered rows at least this often
 
 
 class ScoresMismatchError(ValueError):
@@ -183,6 +185,35 @@ class PartStore:
             stale.unlink(missing_ok=True)
         if self.dir.is_dir():
             self.dir.rmdir()
+
+
+class PartWriter:
+    """Buffers one writer's scored rows and writes them to its ``PartStore`` as a part file every
+    ``flush_rows`` rows or ``FLUSH_SECONDS``, and on ``flush()``; ``on_write(n)`` is told each time n rows
+    are safely on disk. Every scoring driver (one process, several, Lightning ranks) streams through one."""
+
+    def __init__(
+        self,
+        store: PartStore,
+        schema: pa.Schema,
+        flush_rows: int,
+        on_write: Callable[[int], None] = lambda rows: None,
+    ) -> None:
+        self.store, self.schema, self.flush_rows, self.on_write = store, schema, flush_rows, on_write
+        self.buffer: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
+
+    def extend(self, rows: list[dict[str, Any]]) -> None:
+        self.buffer.extend(rows)
+        if len(self.buffer) >= self.flush_rows or time.monotonic() - self.last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows (finished rows are complete: callers flush on the way out too)."""
+        if self.buffer:
+            self.store.write(self.buffer, self.schema)
+            self.on_write(len(self.buffer))
+        self.buffer, self.last_flush = [], time.monotonic()
 
 
 def _number(path: Path, prefix: str) -> str:

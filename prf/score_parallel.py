@@ -26,19 +26,19 @@ import multiprocessing as mp
 import os
 import queue
 import threading
-import time
 import traceback
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 import torch
 
 from prf.body.smal import SMAL
-from prf.score import FLUSH_SECONDS, RunPlan, load_models, score_batch
+from prf.score import RunPlan, load_models, score_batch
 from prf.score_data import collate_items, load_item
-from prf.score_io import PartStore
+from prf.score_io import PartStore, PartWriter
 
 CHUNK_BATCHES = 4  # batches per chunk of work: small enough to balance, large enough to keep the lock cold
 MIN_IMAGES_PER_PROCESS = 1000  # fewer per process and a spawned one's start-up (~5-10 s) is not repaid
@@ -105,56 +105,44 @@ class _SharedCounters:
             counter.value += count
 
 
-def _score_chunks(
-    rank: int,
-    plan: RunPlan,
-    smal: SMAL | None,
-    batch_size: int,
-    flush_rows: int,
-    counters: _SharedCounters,
-    before_batch: Callable[[], None] = lambda: None,
-) -> None:
+@dataclass(frozen=True)
+class _RankJob:
+    """What every process of a run gets (pickled for the spawned ones)."""
+
+    plan: RunPlan
+    smal: SMAL | None
+    batch_size: int
+    flush_rows: int
+    counters: _SharedCounters
+
+
+def _score_chunks(rank: int, job: _RankJob, before_batch: Callable[[], None] = lambda: None) -> None:
     """Take chunks until none are left; score them batch by batch into this rank's part files."""
-    models, specs = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
+    plan, counters, batch_size = job.plan, job.counters, job.batch_size
+    models, specs = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), job.smal)
     num_joints = models[0].predictor.body.num_joints
     store = PartStore(plan.out, rank)
     store.start(plan.provenance)
+    writer = PartWriter(store, plan.schema, job.flush_rows, lambda rows: counters.add(counters.saved, rows))
     combine = plan.thresholds.config.combine
     chunk = CHUNK_BATCHES * batch_size
-    buffer: list[dict[str, Any]] = []
-    last_flush = time.monotonic()
     try:
         while (start := counters.take_chunk() * chunk) < len(plan.todo):
             refs = plan.todo[start : start + chunk]
             for first in range(0, len(refs), batch_size):
                 before_batch()
                 items = [load_item(ref, specs, num_joints) for ref in refs[first : first + batch_size]]
-                buffer.extend(score_batch(models, collate_items(items), combine))
+                writer.extend(score_batch(models, collate_items(items), combine))
                 counters.add(counters.done, len(items))
-                if len(buffer) >= flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
-                    store.write(buffer, plan.schema)
-                    counters.add(counters.saved, len(buffer))
-                    buffer, last_flush = [], time.monotonic()
     finally:
-        if buffer:  # finished rows are complete: keep them even when the run is interrupted
-            store.write(buffer, plan.schema)
-            counters.add(counters.saved, len(buffer))
+        writer.flush()  # finished rows are complete: keep them even when the run is interrupted
 
 
-def _spawned_rank(
-    rank: int,
-    plan: RunPlan,
-    smal: SMAL | None,
-    batch_size: int,
-    flush_rows: int,
-    counters: _SharedCounters,
-    threads: int,
-    errors: Any,
-) -> None:
+def _spawned_rank(rank: int, job: _RankJob, threads: int, errors: Any) -> None:
     """Entry point of a spawned process (rank >= 1): its failure goes to ``errors`` with the traceback."""
     torch.set_num_threads(threads)
     try:
-        _score_chunks(rank, plan, smal, batch_size, flush_rows, counters)
+        _score_chunks(rank, job)
     except BaseException as err:  # Ctrl-C too: a chunk it took is unfinished, so the caller must know
         errors.put(f"process {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
         raise SystemExit(1) from None
@@ -182,12 +170,13 @@ def score_in_processes(
     threads = max(1, cores // processes)
     context = mp.get_context("spawn")  # fork would copy torch's thread pools mid-use
     counters = _SharedCounters(context)
+    job = _RankJob(plan, smal, batch_size, flush_rows, counters)
     errors = context.Queue()
     PartStore(plan.out, 0).start(plan.provenance)  # run.json exists before any spawned rank checks it
     spawned = [
         context.Process(
             target=_spawned_rank,
-            args=(rank, plan, smal, batch_size, flush_rows, counters, threads, errors),
+            args=(rank, job, threads, errors),
             name=f"prf-score-{rank}",
         )
         for rank in range(1, processes)
@@ -212,7 +201,7 @@ def score_in_processes(
         # start scoring sooner than when this process keeps every core (measured: benchmarks/README.md)
         torch.set_num_threads(threads)
         progress = lambda: on_progress(counters.done.value)  # noqa: E731
-        _score_chunks(0, plan, smal, batch_size, flush_rows, counters, progress)
+        _score_chunks(0, job, progress)
         starter.join()
         for process in started(spawned):
             while process.is_alive():

@@ -60,24 +60,25 @@ def caller_waits_for_spawned(monkeypatch: pytest.MonkeyPatch) -> None:
     finish 12 images before the other process has imported torch."""
     real_chunks = score_parallel._score_chunks
 
-    def waits(rank, plan, smal, batch_size, flush_rows, counters, before_batch):
+    def waits(rank, job, before_batch):
         deadline = time.monotonic() + 300
-        while counters.next_chunk.value == 0 and time.monotonic() < deadline:
+        while job.counters.next_chunk.value == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        real_chunks(rank, plan, smal, batch_size, flush_rows, counters, before_batch)
+        real_chunks(rank, job, before_batch)
 
     monkeypatch.setattr(score_parallel, "_score_chunks", waits)
 
 
-def rank_without_checkpoints(rank: int, plan, *args) -> None:
+def rank_without_checkpoints(rank: int, job, *args) -> None:
     """A spawned rank whose checkpoints are missing: it fails in load_models, before taking any chunk."""
-    missing = {name: Path(f"/nonexistent/{name}.pt") for name in plan.checkpoints}
-    score_parallel._spawned_rank(rank, dataclasses.replace(plan, checkpoints=missing), *args)
+    missing = {name: Path(f"/nonexistent/{name}.pt") for name in job.plan.checkpoints}
+    plan = dataclasses.replace(job.plan, checkpoints=missing)
+    score_parallel._spawned_rank(rank, dataclasses.replace(job, plan=plan), *args)
 
 
-def rank_crashing_in_its_chunk(rank, plan, smal, batch_size, flush_rows, counters, threads, errors) -> None:
+def rank_crashing_in_its_chunk(rank: int, job, threads: int, errors) -> None:
     """A spawned rank that takes a chunk and dies before writing any of its rows."""
-    counters.take_chunk()
+    job.counters.take_chunk()
     errors.put(f"process {rank}: RuntimeError: simulated crash")
     raise SystemExit(1)
 
