@@ -37,7 +37,7 @@ def write(tmp_path: Path, data: object, name: str = "ann.json") -> Path:
     return path
 
 
-def test_valid_entry_round_trips_and_helpers_have_shapes() -> None:
+def test_valid_entry_round_trips_and_helpers_have_shapes(tmp_path: Path) -> None:
     entry = make_entry()
     entry["camera"] = {"K": [[500, 0, 16], [0, 500, 16], [0, 0, 1]], "R": np.eye(3).tolist(), "t": [0, 0, 3]}
     entry["viewpoint"] = {"azimuth": 0.5, "elevation": 0.2, "theta": 0.0, "distance": 3.0}
@@ -53,6 +53,8 @@ def test_valid_entry_round_trips_and_helpers_have_shapes() -> None:
     out = annotation.to_json_dict()
     assert len(out["shape"]) == 20 and len(out["shape_extra"]) == 21
     assert Annotation.from_dict(json.loads(json.dumps(out))) == annotation
+    # a file takes pydantic's JSON parser, not json.loads + the dict path: the same annotation
+    assert Annotation.from_json_file(write(tmp_path, entry), num_joints=35, num_betas=41) == annotation
 
 
 def test_missing_shape_extra_means_zero_betas_and_default_focal() -> None:

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import prf.data.io as prf_io
 from prf.data import inputs
@@ -26,7 +26,16 @@ from prf.data.batch import (
     NotABatchError,
 )
 from prf.data.inputs import detect_input, iter_samples
-from prf.data.io import ImageReadError, atomic_write_json, read_image_rgb, read_label_png, write_png
+from prf.data.io import (
+    PNG_GREY,
+    PNG_RGB,
+    ImageReadError,
+    atomic_write_json,
+    fast_png,
+    read_image_rgb,
+    read_label_png,
+    write_png,
+)
 
 METADATA = {
     "generator": {"backend": "render", "steps": 2, "resolution": 32},
@@ -434,3 +443,36 @@ def test_writers_refuse_bad_arrays_and_leave_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="NaN"):
         atomic_write_json(tmp_path / "f.json", {"x": float("nan")})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fast_png_path_is_used_and_gives_pillows_pixels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    gamma = PngImagePlugin.PngInfo()
+    gamma.add(b"gAMA", (45455).to_bytes(4, "big"))  # Pillow ignores gamma: the fast path must too
+    Image.fromarray(rgb).save(tmp_path / "gamma.png", pnginfo=gamma)
+    Image.fromarray(rgb).save(tmp_path / "keyed.png", transparency=(1, 2, 3))  # tRNS, still RGB
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    for name in ("gamma.png", "keyed.png"):
+        assert fast_png(tmp_path / name, PNG_RGB) is not None  # imagecodecs is installed and used
+        np.testing.assert_array_equal(read_image_rgb(tmp_path / name), rgb)
+        with Image.open(tmp_path / name) as image:
+            np.testing.assert_array_equal(read_image_rgb(tmp_path / name), np.asarray(image.convert("RGB")))
+    assert fast_png(tmp_path / "grey.png", PNG_GREY) is not None
+    np.testing.assert_array_equal(read_label_png(tmp_path / "grey.png"), grey)
+    # other layouts are left to Pillow
+    assert fast_png(tmp_path / "grey.png", PNG_RGB) is None
+    assert fast_png(tmp_path / "gamma.png", PNG_GREY) is None
+    assert fast_png(tmp_path / "gamma.png", PNG_RGB, max_side=40) is None
+
+
+def test_corrupt_png_data_is_an_error_not_garbage(tmp_path: Path) -> None:
+    ramp = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8)  # compressible: real deflate codes
+    data = bytearray(png_bytes(np.repeat(ramp[:, :, None], 3, axis=2)))
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the compressed pixels
+    path = tmp_path / "flipped.png"
+    path.write_bytes(bytes(data))
+    assert fast_png(path, PNG_RGB) is None
+    with pytest.raises(ImageReadError, match="truncated or corrupt"):
+        read_image_rgb(path)

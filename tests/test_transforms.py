@@ -3,6 +3,7 @@ posing SMAL with the flipped targets), rotations keep 3D and 2D targets consiste
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -85,6 +86,42 @@ def test_crop_matches_its_affine_under_rotation_flip_and_downscaling() -> None:
         ys, xs = np.mgrid[:size, :size]
         found = np.array([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum()
         assert np.abs(found - expected).max() < 0.6, (rotation, flip, size, found, expected)
+
+
+def test_downscaled_crop_samples_the_image_where_its_affine_says() -> None:
+    """On a linear ramp, block means and bilinear sampling are exact, so every crop pixel inside the image
+    must hold the ramp's value at the image point the affine maps it from (the window and block
+    bookkeeping of the shrink-then-warp path; up to uint8 rounding, which leaves no bias)."""
+    height, width = 300, 400
+    ys, xs = np.mgrid[:height, :width]
+    ramp = 0.25 * xs + 0.3 * ys + 10.0
+    image = np.repeat(np.round(ramp).astype(np.uint8)[..., None], 3, axis=2)
+    cases = [  # bbox, size, rotation: zooms 0.08-0.45 (k = 2..12), boxes inside and across the edge
+        ([100, 50, 250, 200], 32, 0.0),
+        ([100, 50, 250, 200], 100, 25.0),
+        ([0, 0, 390, 290], 64, -10.0),
+        ([250, 180, 200, 160], 48, 5.0),
+    ]
+    for bbox, size, rotation in cases:
+        crop, affine = T.crop_image(image, bbox, size, 1.25, rotation)
+        zoom = np.sqrt(abs(np.linalg.det(affine[:, :2])))
+        assert zoom < 0.5
+        u, v = np.meshgrid(np.arange(size), np.arange(size))
+        inverse = cv2.invertAffineTransform(affine)
+        x = inverse[0, 0] * u + inverse[0, 1] * v + inverse[0, 2]
+        y = inverse[1, 0] * u + inverse[1, 1] * v + inverse[1, 2]
+        margin = 1.0 / zoom + 1  # one block from the image edge
+        inside = (x > margin) & (x < width - 1 - margin) & (y > margin) & (y < height - 1 - margin)
+        assert inside.sum() > size * size / 4
+        expected = 0.25 * x + 0.3 * y + 10.0
+        error = (crop[..., 1].astype(float) - expected)[inside]
+        # rounding makes single pixels off by up to ~1 but leaves no bias; a half-pixel slip in the
+        # bookkeeping would bias every pixel by ~0.3
+        assert np.abs(error).max() <= 1.5 and abs(error.mean()) < 0.1, (bbox, size, rotation, error)
+        outside = (x < -2 / zoom) | (x > width + 2 / zoom) | (y < -2 / zoom) | (y > height + 2 / zoom)
+        assert np.all(crop[outside] == 0)
+    crop, _ = T.crop_image(image, [2000, 2000, 300, 300], 32)  # wholly outside the image
+    assert crop.shape == (32, 32, 3) and not crop.any()
 
 
 def test_flip_maps_left_paw_onto_right_paw(smal: SMAL) -> None:

@@ -5,8 +5,11 @@ the final name with ``os.replace`` (atomic on POSIX within one file system). A c
 file, the new file, or a stray ``.<name>.<random>.tmp`` -- never a partial file under the final name.
 
 Image reading checks the header before decoding (Pillow's lazy ``Image.open`` only reads the header), so a
-file that claims to be 20000 x 20000 is refused without allocating its pixels. Legend: H height, W width
-(pixels).
+file that claims to be 20000 x 20000 is refused without allocating its pixels. The common case of scoring,
+an 8-bit RGB PNG image and an 8-bit greyscale PNG mask, is decoded by libspng (imagecodecs) instead: about
+0.6 ms less per 256 x 256 image and 0.3 ms per mask than Pillow here, a sixth of what scoring spends
+outside the models. Anything else, and any problem, takes the Pillow path, which names the problem.
+Legend: H height, W width (pixels).
 """
 
 from __future__ import annotations
@@ -21,8 +24,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+try:  # the fast PNG path only; without it every image takes the Pillow path
+    from imagecodecs import spng_decode as _spng_decode
+except ImportError:  # pragma: no cover - imagecodecs is a dependency
+    _spng_decode = None
+
 MAX_IMAGE_SIDE = 8192  # pixels; images whose header claims a larger side are refused undecoded
 _WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_GREY, PNG_RGB = 0, 2  # IHDR colour types of the fast path
 
 
 class ImageReadError(ValueError):
@@ -155,6 +165,29 @@ def _open_checked(path: Path, max_side: int) -> Image.Image:
     return image
 
 
+def fast_png(path: Path, colour_type: int, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray | None:
+    """An 8-bit PNG of IHDR ``colour_type`` (``PNG_GREY``: (H, W), ``PNG_RGB``: (H, W, 3) uint8) decoded
+    by libspng, or None for any other file and for any problem (missing, truncated, corrupt, a side
+    over ``max_side``, a decoder that gives another layout): the caller then takes the Pillow path,
+    which decides and names the problem. Pixels equal Pillow's (tested)."""
+    if _spng_decode is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(26)  # signature, IHDR length and type, width, height, depth, colour type
+            if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+                return None
+            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+            fits = 0 < width <= max_side and 0 < height <= max_side
+            if head[24] != 8 or head[25] != colour_type or not fits:
+                return None
+            pixels = _spng_decode(head + handle.read())
+    except Exception:  # any problem: the Pillow path reports it
+        return None
+    expected = (height, width) if colour_type == PNG_GREY else (height, width, 3)
+    return pixels if pixels.shape == expected and pixels.dtype == np.uint8 else None
+
+
 def _decode(path: Path, image: Image.Image) -> None:
     try:
         image.load()
@@ -192,6 +225,9 @@ def read_image_rgb(path: str | os.PathLike[str], max_side: int = MAX_IMAGE_SIDE)
             header that claims a side longer than ``max_side`` pixels (refused before decoding).
     """
     path = Path(path)
+    pixels = fast_png(path, PNG_RGB, max_side)
+    if pixels is not None:
+        return pixels
     image = _open_checked(path, max_side)
     with image:
         _decode(path, image)
@@ -223,6 +259,9 @@ def read_label_png(path: str | os.PathLike[str], max_side: int = MAX_IMAGE_SIDE)
     refused, since converting colours to labels would silently invent labels.
     """
     path = Path(path)
+    pixels = fast_png(path, PNG_GREY, max_side)
+    if pixels is not None:
+        return pixels
     image = _open_checked(path, max_side)
     with image:
         _decode(path, image)

@@ -119,8 +119,9 @@ def crop_image(
         scale, rotation (degrees), flip: see ``crop_affine``.
     Returns:
         crop (S, S, 3) uint8 (zeros outside the image) and the (2, 3) float64 image -> crop affine.
-        A crop much smaller than its box is first area-downsampled (cv2.INTER_AREA) so it does not alias;
-        the returned affine always maps the original image's pixels.
+        A crop at under half the image's resolution is first shrunk by the integer factor
+        ``k = floor(1 / zoom)`` (k x k block means, cv2.INTER_AREA) so it does not alias; only the window
+        of the image the crop reads is shrunk. The returned affine always maps the original image's pixels.
     """
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -129,17 +130,43 @@ def crop_image(
         raise ValueError(f"crop size must be >= 1 pixel, got {size}")
     affine = crop_affine(bbox, size, scale, rotation, flip)
     zoom = math.sqrt(abs(np.linalg.det(affine[:, :2])))
-    source, source_affine = image, affine
-    if zoom < 0.5:
-        height, width = image.shape[:2]
-        new_w, new_h = max(1, round(width * 2 * zoom)), max(1, round(height * 2 * zoom))
-        source = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
-        # cv2.resize maps pixel centres as x_small = (x + 0.5) * f - 0.5.
-        f = np.array([new_w / width, new_h / height])
-        linear = affine[:, :2] / f
-        offset = affine[:, 2] + affine[:, :2] @ (0.5 / f - 0.5)
-        source_affine = np.concatenate([linear, offset[:, None]], axis=1)
-    return _warp(source, source_affine, size, cv2.INTER_LINEAR), affine
+    if zoom >= 0.5:
+        return _warp(image, affine, size, cv2.INTER_LINEAR), affine
+    # Shrink by the integer factor k first (each pixel the mean of a k x k block: cv2's fast INTER_AREA
+    # path, ~40x cheaper than a fractional factor); the bilinear warp then zooms by zoom * k in (0.5, 1].
+    # Only the window the crop reads is shrunk.
+    k = int(1.0 / zoom)
+    window = _source_window(affine, size, image.shape[:2], margin=2 * k + 2)
+    if window is None:  # the crop lies wholly outside the image
+        return np.zeros((size, size, 3), dtype=np.uint8), affine
+    x0, y0, x1, y1 = window
+    region = image[y0:y1, x0:x1]
+    pad_y, pad_x = -region.shape[0] % k, -region.shape[1] % k
+    if pad_x or pad_y:  # whole blocks only, at the image's edge (< k pixels: under one crop pixel)
+        region = cv2.copyMakeBorder(region, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
+    small = cv2.resize(region, (region.shape[1] // k, region.shape[0] // k), interpolation=cv2.INTER_AREA)
+    # block s covers window pixels k s .. k s + k - 1: x_small = (x - x0 + 0.5) / k - 0.5 (x in the image)
+    linear = affine[:, :2] * k
+    offset = affine[:, 2] + affine[:, :2] @ (np.array([x0, y0]) + 0.5 * k - 0.5)
+    small_affine = np.concatenate([linear, offset[:, None]], axis=1)
+    return _warp(small, small_affine, size, cv2.INTER_LINEAR), affine
+
+
+def _source_window(
+    affine: np.ndarray, size: int, shape: tuple[int, int], margin: int
+) -> tuple[int, int, int, int] | None:
+    """The integer window ``x0, y0, x1, y1`` (end exclusive) of an (H, W) image that an ``S = size``
+    crop through ``affine`` reads, widened by ``margin`` pixels for the resampling filters and clipped
+    to the image; None when it holds no pixel. Downsampling this window instead of the whole image is
+    what keeps a small crop of a large image cheap."""
+    corners = np.array([[-0.5, -0.5], [size - 0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, size - 0.5]])
+    inverse = cv2.invertAffineTransform(affine)
+    points = corners @ inverse[:, :2].T + inverse[:, 2]
+    low = np.floor(points.min(axis=0)).astype(np.int64) - margin
+    high = np.ceil(points.max(axis=0)).astype(np.int64) + margin + 1
+    x0, y0 = max(int(low[0]), 0), max(int(low[1]), 0)
+    x1, y1 = min(int(high[0]), shape[1]), min(int(high[1]), shape[0])
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
 def crop_mask(mask: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
