@@ -6,9 +6,9 @@ file, the new file, or a stray ``.<name>.<random>.tmp`` -- never a partial file 
 
 Image reading checks the header before decoding (Pillow's lazy ``Image.open`` only reads the header), so a
 file that claims to be 20000 x 20000 is refused without allocating its pixels. The common case of scoring,
-an 8-bit RGB PNG image and an 8-bit greyscale PNG mask, is decoded by libspng (imagecodecs) instead: about
-0.6 ms less per 256 x 256 image and 0.3 ms per mask than Pillow here, a sixth of what scoring spends
-outside the models. Anything else, and any problem, takes the Pillow path, which names the problem.
+an 8-bit RGB PNG image and an 8-bit greyscale PNG mask, is decoded by libspng (imagecodecs) instead:
+measured per 256 x 256 image in scoring's loop, 1.71 -> 1.10 ms for the image and 0.39 -> 0.24 ms for its
+mask. Anything else, and any problem, takes the Pillow path, which names the problem.
 Legend: H height, W width (pixels).
 """
 
