@@ -19,8 +19,9 @@ P processes with cores / P threads each (``prf score --processes``; P defaults t
   processes, model loading, the merge), which the raw figure leaves out too.
 
 The ratio end-to-end / raw of the same layout is the figure of merit (issue target >= 0.8), measured in
-``--repeats`` rounds of (end to end, raw) for each layout back to back: on a shared machine the speed
-drifts between minutes, so a ratio of adjacent measurements is steadier than one of averages. The round
+``--repeats`` rounds of (raw, end to end, raw) for each layout back to back, the raw figure being the
+mean of the two raw runs (each on half the images): on a shared machine the speed drifts between minutes,
+so a ratio of adjacent measurements is steadier than one of averages. The round
 with the median ratio (and the one with the median marginal ratio) is reported per layout; every round
 is kept. Results go to benchmarks/results/score_throughput.json with the machine they ran on.
 """
@@ -43,6 +44,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from prf.data.inputs import iter_samples  # noqa: E402
 from prf.models.inference import run_regressor  # noqa: E402
 from prf.predictor import Predictor  # noqa: E402
 from prf.score import REPO_ROOT, score  # noqa: E402
@@ -116,20 +118,32 @@ def end_to_end_seconds(
 
 
 def measure_round(args: argparse.Namespace, processes: int) -> dict[str, float]:
-    """One round of one layout: the whole batch end to end, its first half end to end, the raw forward."""
+    """One round of one layout: the raw forward, the whole batch end to end, its first half end to end,
+    the raw forward again. The raw figure is the mean of the two raw runs around the end-to-end ones,
+    so that a drift of the machine's speed during the round cancels to first order."""
     models = list(args.models)
+    images = args.limit or count_images(args.batch)
+    raw_before = raw_forward_images_per_s(models, args.batch_size, images // 2, processes)
     seconds, count = end_to_end_seconds(args.batch, models, args.batch_size, processes, args.limit)
     half_seconds, half = end_to_end_seconds(args.batch, models, args.batch_size, processes, count // 2)
-    raw = raw_forward_images_per_s(models, args.batch_size, count, processes)
+    raw_after = raw_forward_images_per_s(models, args.batch_size, images // 2, processes)
+    raw = (raw_before + raw_after) / 2
     e2e, marginal = count / seconds, (count - half) / (seconds - half_seconds)
     return {
         "images": count,
         "end_to_end_images_per_s": e2e,
         "marginal_images_per_s": marginal,
         "raw_forward_images_per_s": raw,
+        "raw_before_images_per_s": raw_before,
+        "raw_after_images_per_s": raw_after,
         "ratio": e2e / raw,
         "marginal_ratio": marginal / raw,
     }
+
+
+def count_images(batch: Path) -> int:
+    """Images in ``batch`` (a BATCH folder, an Animal3D JSON or an image folder), counted without decoding."""
+    return sum(1 for _ in iter_samples(batch))
 
 
 def median_by(rounds: list[dict[str, float]], key: str) -> dict[str, float]:

@@ -331,7 +331,7 @@ def score(
     images, else 1). ``workers`` None picks the decode workers of a one-process run (``default_workers``).
     """
     # imported here: prf.score_parallel builds on this module
-    from prf.score_parallel import check_processes, chunks_in, default_processes, score_in_processes
+    from prf.score_parallel import batches_in, check_processes, default_processes, score_in_processes
 
     check_run_options(batch_size, workers, limit, flush_rows)
     torch_device = resolve_device(device)
@@ -340,7 +340,7 @@ def score(
     plan = plan_run(input_path, thresholds_path, models, out, limit)
     if plan.todo:
         count = default_processes(torch_device, workers, len(plan.todo)) if processes is None else processes
-        count = min(count, chunks_in(plan, batch_size))
+        count = min(count, batches_in(plan, batch_size))
         progress = Progress(
             TextColumn("[bold]score[/]" if count == 1 else f"[bold]score[/] ({count} processes)"),
             BarColumn(),
@@ -352,12 +352,7 @@ def score(
         if count == 1 and workers is None:
             workers = default_workers(device)
         if count > 1:
-            with progress:
-                task = progress.add_task("score", total=len(plan.todo))
-                score_in_processes(
-                    plan, count, batch_size, flush_rows, smal,
-                    lambda done: progress.update(task, completed=done),
-                )  # fmt: skip
+            score_in_processes(plan, count, batch_size, flush_rows, smal, progress)
         else:
             scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch_device, smal)
             plan.store.start(plan.provenance)

@@ -5,11 +5,19 @@ Why: the regressors are small, and their convolutions gain little from a second 
 but 168-201 images/s in total as two 1-thread processes, and scoring end to end is 17-25% faster. So on
 a CPU, N processes with cores // N threads each score faster than one process with every core.
 
-How the work is shared: the images still to score (``RunPlan.todo``) are cut into chunks of
-``CHUNK_BATCHES`` batches. Every process takes the next chunk from a shared counter until none are left:
-the calling process as rank 0, spawned ones as ranks 1 .. N-1. A process that starts late (a spawned one
-imports torch first, a few seconds) or runs slow simply takes fewer chunks. Every process, the caller
-included, runs cores // N torch threads from the start, so the spawned ones import on free cores.
+How the processes start (``start_method``): on Linux, when each process runs ONE torch thread (N = cores,
+what ``auto`` picks on up to 8 cores), the other processes are forked once the calling one has loaded the
+models: they inherit the imports and the models and score within ~0.1 s. Otherwise they are spawned: each
+imports torch, timm and prf (~5 s on a 2-core machine) and loads the models itself. Fork is not used with
+more threads per process: GNU OpenMP (torch's CPU thread pool) hangs in a forked child that runs more than
+one OpenMP thread after its parent used OpenMP (checked with torch 2.14: every such child hung; one thread,
+and OpenCV's own thread pool, work). ``PRF_SCORE_START_METHOD=spawn`` forces spawning.
+
+How the work is shared: every process takes the next slice of the images still to score
+(``RunPlan.todo``) from a shared counter until none are left: the calling process as rank 0, the others
+as ranks 1 .. N-1. A slice is ``CHUNK_BATCHES`` batches while plenty are left, then shrinks to a single
+batch towards the end (guided scheduling), so that no process idles for long while another finishes a
+large slice. A process that starts late or runs slow simply takes fewer slices.
 
 Each process writes its rows to its own part files (``PartStore`` rank r, ``part-rRRRRR-NNNNNN.parquet``).
 The caller merges them once all have finished (prf.score.finish_run). In the merged table the rows follow
@@ -25,6 +33,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 import traceback
 import warnings
@@ -34,15 +43,20 @@ from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 import torch
+from rich.progress import Progress
 
 from prf.body.smal import SMAL
-from prf.score import RunPlan, load_models, score_batch
-from prf.score_data import collate_items, load_item
+from prf.score import RunPlan, ScoringModel, load_models, score_batch
+from prf.score_data import CropSpec, collate_items, load_item
 from prf.score_io import PartStore, PartWriter
 
-CHUNK_BATCHES = 4  # batches per chunk of work: small enough to balance, large enough to keep the lock cold
-MIN_IMAGES_PER_PROCESS = 1000  # fewer per process and a spawned one's start-up (~5-10 s) is not repaid
+CHUNK_BATCHES = 4  # batches per slice of work while many are left: keeps the shared counter's lock cold
+MIN_IMAGES_PER_PROCESS = 1000  # fewer per spawned process and its start-up (~5-10 s) is not repaid
+MIN_IMAGES_PER_FORKED_PROCESS = 250  # a forked one starts in ~0.1 s: repaid after a few batches
 MAX_AUTO_PROCESSES = 8  # "auto" never starts more (each process holds its own torch runtime, ~300 MB)
+START_METHOD_ENV = "PRF_SCORE_START_METHOD"  # "spawn" forces spawning (module docstring)
+
+LoadedModels = tuple[list[ScoringModel], list[CropSpec]]
 
 
 def usable_cores() -> int:
@@ -52,6 +66,33 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def start_method(threads_per_process: int) -> str:
+    """ "fork" or "spawn" for processes that run ``threads_per_process`` torch threads (module docstring).
+
+    Raises:
+        ValueError: ``PRF_SCORE_START_METHOD`` is set to something other than "spawn" or "fork".
+    """
+    forced = os.environ.get(START_METHOD_ENV, "").strip()
+    if forced not in ("", "spawn", "fork"):
+        raise ValueError(f"{START_METHOD_ENV} must be 'spawn' or 'fork' (or unset), got {forced!r}")
+    if forced == "fork" and threads_per_process > 1:
+        raise ValueError(
+            f"{START_METHOD_ENV}=fork needs one torch thread per process (this run gives each "
+            f"{threads_per_process}): GNU OpenMP hangs in such a forked child; use --processes = cores"
+        )
+    if forced:
+        return forced
+    forks = sys.platform == "linux" and threads_per_process == 1
+    return "fork" if forks and _no_other_python_thread() else "spawn"
+
+
+def _no_other_python_thread() -> bool:
+    """Whether this is the only Python thread: another one may hold a lock (a log handler's, a stream's)
+    that a forked child would inherit held. Conservative: tqdm's monitor thread, or a notebook kernel's
+    threads, make scoring spawn."""
+    return threading.active_count() == 1
+
+
 def default_processes(
     device: torch.device, workers: int | None, images: int, cores: int | None = None
 ) -> int:
@@ -59,12 +100,16 @@ def default_processes(
 
     One on a GPU (``--devices`` is the multi-GPU path) or when decode workers were asked for (``workers``
     > 0; None: not set); else one per core, at most ``MAX_AUTO_PROCESSES`` and at most one per
-    ``MIN_IMAGES_PER_PROCESS`` images.
+    ``MIN_IMAGES_PER_FORKED_PROCESS`` images when the processes can be forked (``start_method``), else
+    one per ``MIN_IMAGES_PER_PROCESS``.
     """
     if device.type != "cpu" or (workers or 0) > 0:
         return 1
     cores = usable_cores() if cores is None else cores
-    return max(1, min(cores, MAX_AUTO_PROCESSES, images // MIN_IMAGES_PER_PROCESS))
+    wanted = min(cores, MAX_AUTO_PROCESSES)
+    forked = start_method(max(1, cores // wanted)) == "fork"
+    per_process = MIN_IMAGES_PER_FORKED_PROCESS if forked else MIN_IMAGES_PER_PROCESS
+    return max(1, min(wanted, images // per_process))
 
 
 def check_processes(processes: int | None, device: torch.device, workers: int | None) -> None:
@@ -85,19 +130,26 @@ def check_processes(processes: int | None, device: torch.device, workers: int | 
 
 
 class _SharedCounters:
-    """Counters every process of a run sees: the next chunk to take, images scored (for progress) and
-    images whose rows are in a part file (a process killed with rows in its buffer loses them)."""
+    """Counters every process of a run sees: the next image to hand out, images scored (for progress)
+    and images whose rows are in a part file (a process killed with rows in its buffer loses them)."""
 
     def __init__(self, context: Any) -> None:
-        self.next_chunk: Synchronized = context.Value("q", 0)
+        self.next_image: Synchronized = context.Value("q", 0)
         self.done: Synchronized = context.Value("q", 0)
         self.saved: Synchronized = context.Value("q", 0)
 
-    def take_chunk(self) -> int:
-        with self.next_chunk.get_lock():
-            index = self.next_chunk.value
-            self.next_chunk.value += 1
-        return index
+    def take_slice(self, total: int, batch_size: int, processes: int) -> range:
+        """The next images (indices into ``RunPlan.todo``) for one process; empty when none are left.
+
+        ``CHUNK_BATCHES`` batches while more than that is left for every process twice over; then the
+        remainder over 2 x ``processes``, in whole batches, down to one batch (guided scheduling).
+        """
+        with self.next_image.get_lock():
+            start = self.next_image.value
+            share = math.ceil((total - start) / (2 * processes) / batch_size) * batch_size
+            stop = min(total, start + max(batch_size, min(CHUNK_BATCHES * batch_size, share)))
+            self.next_image.value = max(start, stop)
+        return range(start, stop)
 
     @staticmethod
     def add(counter: Synchronized, count: int) -> None:
@@ -113,37 +165,48 @@ class _RankJob:
     smal: SMAL | None
     batch_size: int
     flush_rows: int
+    processes: int
     counters: _SharedCounters
 
 
-def _score_chunks(rank: int, job: _RankJob, before_batch: Callable[[], None] = lambda: None) -> None:
-    """Take chunks until none are left; score them batch by batch into this rank's part files."""
+def _score_chunks(
+    rank: int,
+    job: _RankJob,
+    loaded: LoadedModels | None,
+    before_batch: Callable[[], None] = lambda: None,
+) -> None:
+    """Take slices of work until none are left; score them batch by batch into this rank's part files.
+    ``loaded``: the models (inherited by a forked process), or None to load them here."""
     plan, counters, batch_size = job.plan, job.counters, job.batch_size
-    models, specs = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), job.smal)
+    if loaded is None:
+        loaded = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), job.smal)
+    models, specs = loaded
     num_joints = models[0].predictor.body.num_joints
     store = PartStore(plan.out, rank)
     store.start(plan.provenance)
     writer = PartWriter(store, plan.schema, job.flush_rows, lambda rows: counters.add(counters.saved, rows))
     combine = plan.thresholds.config.combine
-    chunk = CHUNK_BATCHES * batch_size
     try:
-        while (start := counters.take_chunk() * chunk) < len(plan.todo):
-            refs = plan.todo[start : start + chunk]
-            for first in range(0, len(refs), batch_size):
+        while work := counters.take_slice(len(plan.todo), batch_size, job.processes):
+            for first in range(work.start, work.stop, batch_size):
                 before_batch()
-                items = [load_item(ref, specs, num_joints) for ref in refs[first : first + batch_size]]
+                refs = plan.todo[first : min(first + batch_size, work.stop)]
+                items = [load_item(ref, specs, num_joints) for ref in refs]
                 writer.extend(score_batch(models, collate_items(items), combine))
                 counters.add(counters.done, len(items))
     finally:
         writer.flush()  # finished rows are complete: keep them even when the run is interrupted
 
 
-def _spawned_rank(rank: int, job: _RankJob, threads: int, errors: Any) -> None:
-    """Entry point of a spawned process (rank >= 1): its failure goes to ``errors`` with the traceback."""
+def _spawned_rank(
+    rank: int, job: _RankJob, threads: int, errors: Any, loaded: LoadedModels | None = None
+) -> None:
+    """Entry point of a spawned or forked process (rank >= 1): its failure goes to ``errors`` with the
+    traceback. ``loaded``: the caller's models when forked (inherited, not pickled), else None."""
     torch.set_num_threads(threads)
     try:
-        _score_chunks(rank, job)
-    except BaseException as err:  # Ctrl-C too: a chunk it took is unfinished, so the caller must know
+        _score_chunks(rank, job, loaded)
+    except BaseException as err:  # Ctrl-C too: a slice it took is unfinished, so the caller must know
         errors.put(f"process {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
         raise SystemExit(1) from None
 
@@ -154,35 +217,27 @@ def score_in_processes(
     batch_size: int,
     flush_rows: int,
     smal: SMAL | None,
-    on_progress: Callable[[int], None],
+    progress: Progress,
 ) -> None:
-    """Score ``plan.todo`` with ``processes`` processes (module docstring); ``on_progress(images_done)``
-    is called in this process after each of its batches and while it waits for the others.
+    """Score ``plan.todo`` with ``processes`` processes (module docstring), showing ``progress`` (entered
+    here, once the other processes have started: a forked child must not inherit its display thread).
 
-    A spawned process that fails (or does not start) is a warning with its traceback when the others
-    scored every image anyway (they take the chunks it leaves).
+    A process that fails (or does not start) is a warning with its traceback when the others scored
+    every image anyway (they take the slices it leaves).
 
     Raises:
-        RuntimeError: a spawned process failed with images left unscored (its traceback included); the
-            rows already written stay in the parts folder, and rerunning the same command scores the rest.
+        RuntimeError: a process failed with images left unscored (its traceback included); the rows
+            already written stay in the parts folder, and rerunning the same command scores the rest.
     """
-    cores = usable_cores()
-    threads = max(1, cores // processes)
-    context = mp.get_context("spawn")  # fork would copy torch's thread pools mid-use
+    threads = max(1, usable_cores() // processes)
+    method = start_method(threads)
+    context = mp.get_context(method)
     counters = _SharedCounters(context)
-    job = _RankJob(plan, smal, batch_size, flush_rows, counters)
+    job = _RankJob(plan, smal, batch_size, flush_rows, processes, counters)
     errors = context.Queue()
-    PartStore(plan.out, 0).start(plan.provenance)  # run.json exists before any spawned rank checks it
-    spawned = [
-        context.Process(
-            target=_spawned_rank,
-            args=(rank, job, threads, errors),
-            name=f"prf-score-{rank}",
-        )
-        for rank in range(1, processes)
-    ]
-    # started from a thread: a spawned child imports torch before it reads its arguments, and until then
-    # Process.start() blocks on the pipe; this process scores meanwhile
+    PartStore(plan.out, 0).start(plan.provenance)  # run.json exists before any other rank checks it
+    own_threads = torch.get_num_threads()
+    spawned: list[Any] = []
     start_errors: list[str] = []
 
     def start_all() -> None:
@@ -193,24 +248,44 @@ def score_in_processes(
                 start_errors.append(f"{process.name} did not start: {type(err).__name__}: {err}")
 
     starter = threading.Thread(target=start_all, daemon=True)
-    starter.start()
-    own_threads = torch.get_num_threads()
-
     try:
-        # its share from the start: the spawned processes import torch on the other cores meanwhile, and
-        # start scoring sooner than when this process keeps every core (measured: benchmarks/README.md)
+        # its share from the start: the other processes import or score on the other cores meanwhile
+        # (measured: benchmarks/README.md)
         torch.set_num_threads(threads)
-        progress = lambda: on_progress(counters.done.value)  # noqa: E731
-        _score_chunks(0, job, progress)
-        starter.join()
-        for process in started(spawned):
-            while process.is_alive():
-                process.join(0.2)
-                on_progress(counters.done.value)
-        on_progress(counters.done.value)
+        loaded = None
+        if method == "fork":  # loaded before forking: the children inherit the models
+            loaded = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
+            sys.stdout.flush()
+            sys.stderr.flush()  # else a child could write this process's buffered output again
+        spawned += [
+            context.Process(
+                target=_spawned_rank,
+                args=(rank, job, threads, errors, loaded),
+                name=f"prf-score-{rank}",
+            )
+            for rank in range(1, processes)
+        ]
+        if method == "fork":
+            start_all()  # ~10 ms each
+        else:
+            # from a thread: a spawned child imports torch before it reads its arguments, and until then
+            # Process.start() blocks on the pipe; this process scores meanwhile
+            starter.start()
+        with progress:
+            task = progress.add_task("score", total=len(plan.todo))
+            show = lambda: progress.update(task, completed=counters.done.value)  # noqa: E731
+            _score_chunks(0, job, loaded, show)
+            if starter.is_alive():
+                starter.join()
+            for process in started(spawned):
+                while process.is_alive():
+                    process.join(0.2)
+                    show()
+            show()
     finally:
         torch.set_num_threads(own_threads)
-        starter.join()
+        if starter.is_alive():
+            starter.join()
         for process in started(spawned):  # only alive here when this process was interrupted or failed
             process.join(timeout=10)
             if process.is_alive():
@@ -226,7 +301,7 @@ def score_in_processes(
         except queue.Empty:
             break
     messages += [f"{p.name} exit code {p.exitcode}" for p in failures]
-    what = f"{len(failures) + len(start_errors)} of {processes - 1} spawned scoring processes failed"
+    what = f"{len(failures) + len(start_errors)} of {processes - 1} {method}ed scoring processes failed"
     unfinished = len(plan.todo) - counters.saved.value
     if unfinished == 0:  # the others took its share: the table is whole, but the user should know
         message = f"{what}; the other processes scored every image.\n" + "\n".join(messages)
@@ -244,6 +319,6 @@ def started(processes: list[Any]) -> list[Any]:
     return [process for process in processes if process.pid is not None]
 
 
-def chunks_in(plan: RunPlan, batch_size: int) -> int:
-    """How many chunks of work ``plan.todo`` makes (a run never needs more processes than this)."""
-    return math.ceil(len(plan.todo) / (CHUNK_BATCHES * batch_size))
+def batches_in(plan: RunPlan, batch_size: int) -> int:
+    """How many batches ``plan.todo`` makes (a run never needs more processes than this)."""
+    return math.ceil(len(plan.todo) / batch_size)
