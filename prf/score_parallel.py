@@ -72,9 +72,7 @@ def start_method(threads_per_process: int) -> str:
     Raises:
         ValueError: ``PRF_SCORE_START_METHOD`` is set to something other than "spawn" or "fork".
     """
-    forced = os.environ.get(START_METHOD_ENV, "").strip()
-    if forced not in ("", "spawn", "fork"):
-        raise ValueError(f"{START_METHOD_ENV} must be 'spawn' or 'fork' (or unset), got {forced!r}")
+    forced = forced_start_method()
     if forced == "fork" and threads_per_process > 1:
         raise ValueError(
             f"{START_METHOD_ENV}=fork needs one torch thread per process (this run gives each "
@@ -84,6 +82,18 @@ def start_method(threads_per_process: int) -> str:
         return forced
     forks = sys.platform == "linux" and threads_per_process == 1
     return "fork" if forks and _no_other_python_thread() else "spawn"
+
+
+def forced_start_method() -> str:
+    """``PRF_SCORE_START_METHOD``: "spawn", "fork" or "" (unset: ``start_method`` decides).
+
+    Raises:
+        ValueError: any other value.
+    """
+    forced = os.environ.get(START_METHOD_ENV, "").strip()
+    if forced not in ("", "spawn", "fork"):
+        raise ValueError(f"{START_METHOD_ENV} must be 'spawn' or 'fork' (or unset), got {forced!r}")
+    return forced
 
 
 def _no_other_python_thread() -> bool:
@@ -113,8 +123,12 @@ def default_processes(
 
 
 def check_processes(processes: int | None, device: torch.device, workers: int | None) -> None:
-    """Refuse option combinations ``--processes`` cannot honour (before any work starts)."""
-    if processes is None or processes == 1:
+    """Refuse option combinations ``--processes`` cannot honour, and a bad ``PRF_SCORE_START_METHOD``
+    (before any work starts)."""
+    if processes == 1:
+        return
+    forced_start_method()
+    if processes is None:
         return
     if processes < 1:
         raise ValueError(f"--processes must be >= 1 (or auto), got {processes}")

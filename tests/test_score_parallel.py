@@ -220,9 +220,15 @@ def test_slices_cover_every_image_once_and_shrink_towards_the_end(
         ({"processes": 0}, "--processes must be >= 1"),
         ({"processes": 2, "workers": 2}, "drop --workers 2"),
         ({"processes": 2, "device": "cuda"}, "use --devices"),
+        ({"processes": None, "start_method": "forkserver"}, "PRF_SCORE_START_METHOD must be"),
     ],
 )
-def test_bad_process_options_fail_before_any_work(tmp_path: Path, kwargs: dict, message: str) -> None:
+def test_bad_process_options_fail_before_any_work(
+    tmp_path: Path, kwargs: dict, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kwargs = dict(kwargs)  # the parametrize dict is shared: do not pop from it
+    if "start_method" in kwargs:
+        monkeypatch.setenv(score_parallel.START_METHOD_ENV, kwargs.pop("start_method"))
     # the input does not exist: the option check must come first
     with pytest.raises(ValueError, match=message):
         score(tmp_path / "missing", tmp_path / "missing.yaml", out=tmp_path / "s.parquet", **kwargs)
