@@ -67,10 +67,12 @@ def usable_cores() -> int:
 
 
 def start_method(threads_per_process: int) -> str:
-    """ "fork" or "spawn" for processes that run ``threads_per_process`` torch threads (module docstring).
+    """The start method, "fork" or "spawn", for processes that run ``threads_per_process`` torch threads
+    (module docstring).
 
     Raises:
-        ValueError: ``PRF_SCORE_START_METHOD`` is set to something other than "spawn" or "fork".
+        ValueError: ``PRF_SCORE_START_METHOD`` is set to something other than "spawn" or "fork", or to
+            "fork" for processes of more than one thread.
     """
     forced = forced_start_method()
     if forced == "fork" and threads_per_process > 1:
