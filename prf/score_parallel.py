@@ -185,7 +185,7 @@ class _RankJob:
     counters: _SharedCounters
 
 
-def _score_chunks(
+def _score_slices(
     rank: int,
     job: _RankJob,
     loaded: LoadedModels | None,
@@ -221,7 +221,7 @@ def _spawned_rank(
     traceback. ``loaded``: the caller's models when forked (inherited, not pickled), else None."""
     torch.set_num_threads(threads)
     try:
-        _score_chunks(rank, job, loaded)
+        _score_slices(rank, job, loaded)
     except BaseException as err:  # Ctrl-C too: a slice it took is unfinished, so the caller must know
         errors.put(f"process {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
         raise SystemExit(1) from None
@@ -290,7 +290,7 @@ def score_in_processes(
         with progress:
             task = progress.add_task("score", total=len(plan.todo))
             show = lambda: progress.update(task, completed=counters.done.value)  # noqa: E731
-            _score_chunks(0, job, loaded, show)
+            _score_slices(0, job, loaded, show)
             if starter.is_alive():
                 starter.join()
             for process in started(spawned):

@@ -61,7 +61,7 @@ def test_two_processes_give_exactly_the_rows_of_one(
         pytest.skip(f"no {method} on this platform")
     monkeypatch.setenv(score_parallel.START_METHOD_ENV, method)
     one = run(env, tmp_path / "one" / "scores.parquet", processes=1)
-    caller_waits_for_spawned(monkeypatch)
+    caller_waits_for_the_other(monkeypatch)
     merged_parts: list[str] = []
     real_cleanup = score_io.PartStore.cleanup
 
@@ -77,19 +77,19 @@ def test_two_processes_give_exactly_the_rows_of_one(
     assert not (tmp_path / "two" / "scores.parquet.parts").exists()
 
 
-def caller_waits_for_spawned(monkeypatch: pytest.MonkeyPatch) -> None:
+def caller_waits_for_the_other(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the calling process start only once the other one has taken the first slice: alone, it could
     finish 12 images before the other process has started (a spawned one imports torch first)."""
-    real_chunks = score_parallel._score_chunks
+    real_slices = score_parallel._score_slices
 
     def waits(rank, job, loaded, before_batch=lambda: None):
         deadline = time.monotonic() + 300
         # rank 0 only: a forked process inherits this patch too
         while rank == 0 and job.counters.next_image.value == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        real_chunks(rank, job, loaded, before_batch)
+        real_slices(rank, job, loaded, before_batch)
 
-    monkeypatch.setattr(score_parallel, "_score_chunks", waits)
+    monkeypatch.setattr(score_parallel, "_score_slices", waits)
 
 
 def rank_without_checkpoints(rank: int, job, threads: int, errors, loaded=None) -> None:
@@ -100,7 +100,7 @@ def rank_without_checkpoints(rank: int, job, threads: int, errors, loaded=None) 
     score_parallel._spawned_rank(rank, dataclasses.replace(job, plan=plan), threads, errors, None)
 
 
-def rank_crashing_in_its_chunk(rank: int, job, threads: int, errors, loaded=None) -> None:
+def rank_crashing_in_its_slice(rank: int, job, threads: int, errors, loaded=None) -> None:
     """A rank that takes a slice and dies before writing any of its rows."""
     job.counters.take_slice(len(job.plan.todo), job.batch_size, job.processes)
     errors.put(f"process {rank}: RuntimeError: simulated crash")
@@ -122,11 +122,11 @@ def test_a_process_that_fails_before_any_work_is_a_warning(
 
 
 @pytest.mark.slow
-def test_a_process_that_dies_with_a_chunk_fails_the_run_and_a_rerun_finishes(
+def test_a_process_that_dies_with_a_slice_fails_the_run_and_a_rerun_finishes(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forked: None
 ) -> None:
-    monkeypatch.setattr(score_parallel, "_spawned_rank", rank_crashing_in_its_chunk)
-    caller_waits_for_spawned(monkeypatch)
+    monkeypatch.setattr(score_parallel, "_spawned_rank", rank_crashing_in_its_slice)
+    caller_waits_for_the_other(monkeypatch)
     out = tmp_path / "s" / "scores.parquet"
     # the first slice of 12 images for 2 processes: ceil(12 / 4 / 2) batches of 2 = 4 images, then lost
     with pytest.raises(RuntimeError, match=r"(?s)failed and 4 of 12 images were not scored.*simulated"):
