@@ -6,7 +6,7 @@
 #
 # Seeds: training data 100 (synthetic) and 110 (stand-in "real" set); held-out evaluation 200 / 201;
 # threshold calibration 300. Benchmarks use seeds from 10000 up, disjoint from all of these.
-# On the 2-core machine this takes about 45 minutes in all, 33 of them training (checkpoints/MANIFEST has
+# On the 2-core machine this takes about 60 minutes in all, 48 of them training (checkpoints/MANIFEST has
 # the measured times);
 # each step's wall time is printed as it ends and appended to WORK_DIR/times.txt.
 set -euo pipefail
