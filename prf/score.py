@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from prf import metrics
 from prf.body.smal import SMAL
 from prf.checkpoint import sha256_file
+from prf.cpu import usable_cores
 from prf.data.animal3d import SampleRef
 from prf.data.inputs import detect_input, iter_samples
 from prf.data.transforms import from_normalised, normalise_batch
@@ -115,9 +116,10 @@ def default_workers(device: str, cpu_count: int | None = None) -> int:
     0 (decode in the main process) on a CPU device with <= 2 cores: a worker process competes with the
     models' threads for the same cores, and each of torch's parallel ops waits for its slowest thread
     (measured on 2 cores, 2000 images: 80 images/s inline against 62 with one or two workers,
-    benchmarks/README.md). Else 2.
+    benchmarks/README.md). Else 2. ``cpu_count`` defaults to ``prf.cpu.usable_cores()`` (the affinity
+    mask, capped by a container's CPU quota).
     """
-    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    cores = cpu_count if cpu_count is not None else usable_cores()
     return 0 if resolve_device(device).type == "cpu" and cores <= 2 else 2
 
 

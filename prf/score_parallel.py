@@ -46,6 +46,7 @@ import torch
 from rich.progress import Progress
 
 from prf.body.smal import SMAL
+from prf.cpu import usable_cores
 from prf.score import RunPlan, ScoringModel, load_models, score_batch
 from prf.score_data import CropSpec, collate_items, load_item
 from prf.score_io import PartStore, PartWriter
@@ -57,13 +58,6 @@ MAX_AUTO_PROCESSES = 8  # "auto" never starts more (each process holds its own t
 START_METHOD_ENV = "PRF_SCORE_START_METHOD"  # "spawn" forces spawning (module docstring)
 
 LoadedModels = tuple[list[ScoringModel], list[CropSpec]]
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def start_method(threads_per_process: int) -> str:
