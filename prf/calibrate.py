@@ -4,7 +4,10 @@ Legend: N labelled scored images, C candidate thresholds of one metric.
 
 Labels: a CSV with columns ``image_id`` and ``keep`` (1 / 0, keep / reject, true / false, yes / no), or a
 BATCH folder whose manifest's ``injected_failure`` says which images are failures (anything but "none").
-Images that errored or have no label are left out.
+Images that errored or have no label are left out. Where the labels name each failure's type (a BATCH's
+``injected_failure``, or an optional ``failure_type`` column in the CSV), the result also says how many
+failures of each type the chosen thresholds reject: one operating point for all types can catch one
+kind of failure well and another poorly.
 
 Search: each (model, metric) threshold is chosen among that metric's observed values (at most 256
 quantiles) by coordinate ascent: one threshold at a time is set to its best value with the others fixed,
@@ -81,6 +84,23 @@ def load_labels(labels: str | os.PathLike[str]) -> dict[str, bool]:
     return out
 
 
+def load_failure_types(labels: str | os.PathLike[str]) -> dict[str, str]:
+    """image_id -> failure type for the failures among ``labels`` (``load_labels``' file or folder), from a
+    BATCH's ``injected_failure`` or a CSV's optional ``failure_type`` column; empty when there is none."""
+    path = Path(labels)
+    if path.is_dir():
+        from prf.data.batch import BatchReader
+
+        manifest = BatchReader(path).manifest
+        pairs = zip(manifest["image_id"], manifest["injected_failure"], strict=True)
+    else:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "failure_type" not in frame.columns:
+            return {}
+        pairs = zip(frame["image_id"], frame["failure_type"], strict=True)
+    return {image_id: kind for image_id, kind in pairs if kind.strip() not in ("", "none")}
+
+
 @dataclass
 class Curve:
     """ROC and precision-recall of one metric as a failure detector (higher = more likely a failure)."""
@@ -107,6 +127,7 @@ class CalibrationResult:
     keep_precision: float
     false_positive_rate: float
     curves: dict[str, Curve] = field(default_factory=dict)
+    rejected_by_type: dict[str, tuple[int, int]] = field(default_factory=dict)  # type -> (rejected, total)
     out: Path | None = None
     plot: Path | None = None
 
@@ -133,7 +154,14 @@ class CalibrationResult:
         )
         quality.add_row("kept images", f"{self.kept} ({self.keep_precision:.3f} of them faithful)")
         quality.add_row("faithful images rejected", f"{self.false_positive_rate:.3f}")
-        return Group(chosen, quality)
+        if not self.rejected_by_type:
+            return Group(chosen, quality)
+        by_type = Table(title="failures rejected, by type")
+        for column in ("failure type", "rejected", "recall"):
+            by_type.add_column(column)
+        for kind, (rejected, total) in self.rejected_by_type.items():
+            by_type.add_row(kind, f"{rejected} / {total}", f"{rejected / total:.3f}")
+        return Group(chosen, quality, by_type)
 
 
 def _badness(values: np.ndarray, metric: str) -> np.ndarray:
@@ -332,6 +360,7 @@ def calibrate(
         described = f"kept images >= {goal:g} faithful"
     search.give_every_model_a_threshold()
     config = _to_config(search, source, list(metrics))
+    failure_types = {i: kind for i, kind in load_failure_types(labels).items() if label_of.get(i)}
     final = {k: float(v[0]) for k, v in _quality(search.keep()[:, None], failure).items()}
     result = CalibrationResult(
         config=config,
@@ -345,6 +374,7 @@ def calibrate(
         keep_precision=final["keep_precision"],
         false_positive_rate=final["fpr"],
         curves={f"{n}_{m}": c for (n, m), v in bad.items() if (c := _curve(v, failure)) is not None},
+        rejected_by_type=_rejected_by_type(search.keep(), table["image_id"], failure_types),
     )
     if target_precision is not None and result.keep_precision < target_precision:
         raise ValueError(
@@ -357,6 +387,17 @@ def calibrate(
     result.out = out
     result.plot = _plot(result, Path(plot) if plot else out.with_suffix(".roc.png"), search, failure)
     return result
+
+
+def _rejected_by_type(
+    keep: np.ndarray, image_ids: pd.Series, types: dict[str, str]
+) -> dict[str, tuple[int, int]]:
+    """Failure type -> (rejected, total) over the scored labelled images (``keep``: (N,) bool verdicts)."""
+    kinds = np.array([types.get(image_id, "") for image_id in image_ids], dtype=object)
+    return {
+        kind: (int((~keep[kinds == kind]).sum()), int((kinds == kind).sum()))
+        for kind in sorted(set(kinds) - {""})
+    }
 
 
 def _round_between(limit: float, next_limit: float) -> float:
@@ -403,10 +444,19 @@ def _header(result: CalibrationResult, scores: Path, provenance: dict[str, Any])
         f"Calibrated by `prf calibrate` on {now_iso()} from {scores} ({result.labelled} labelled images, "
         f"{result.failures} failures).\nObjective: {result.objective}. Rejects: precision "
         f"{result.precision:.3f}, recall {result.recall:.3f}, F1 {result.f1:.3f}; kept {result.kept} images, "
-        f"{result.keep_precision:.3f} of them faithful.\nValid for the checkpoints scored: {checkpoints}.\n"
+        f"{result.keep_precision:.3f} of them faithful.\n{_by_type_line(result)}Valid for the checkpoints "
+        f"scored: {checkpoints}.\n"
         "Units: mm for the MPJPEs, percent for pck.min, sqrt(mask area) for max_keypoint_error_max."
     )
     return "\n".join(textwrap.fill(line, 100) for line in text.splitlines())
+
+
+def _by_type_line(result: CalibrationResult) -> str:
+    """ "Failures rejected by type: head_turn 66/101, ...\n" (empty without failure types)."""
+    if not result.rejected_by_type:
+        return ""
+    parts = ", ".join(f"{kind} {r}/{n}" for kind, (r, n) in result.rejected_by_type.items())
+    return f"Failures rejected by type: {parts}.\n"
 
 
 def _plot(result: CalibrationResult, path: Path, search: _Search, failure: np.ndarray) -> Path:

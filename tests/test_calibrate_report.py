@@ -96,6 +96,31 @@ def test_calibrate_separates_a_labelled_table(tmp_path: Path) -> None:
     assert result.plot == tmp_path / "th.roc.png" and cv2.imread(str(result.plot)) is not None
 
 
+def test_calibrate_counts_rejected_failures_by_type(tmp_path: Path) -> None:
+    """With a failure_type column: per-type (rejected, total) that add up to the overall recall, in the
+    result and in the thresholds file's header; types of images labelled keep are ignored."""
+    scores = tmp_path / "scores.parquet"
+    failure = synthetic_scores(scores)
+    ids = [f"im{i:04d}" for i in range(len(failure))]
+    kinds = np.where(np.arange(len(failure)) % 2 == 0, "leg_swap", "head_turn")
+    kinds = np.where(failure, kinds, np.where(np.arange(len(failure)) % 3 == 0, "leg_swap", "none"))
+    labels = tmp_path / "labels.csv"
+    keep = np.where(failure, "reject", "keep")
+    frame = pd.DataFrame({"image_id": ids, "keep": keep, "failure_type": kinds})
+    frame.iloc[: len(failure) // 2].to_csv(labels, index=False)  # half labelled: the rest left out
+    result = calibrate(scores, labels, out=tmp_path / "th.yaml", metrics=["pck"])  # B's PCK: kind 1 only
+    half = failure[: len(failure) // 2]
+    assert set(result.rejected_by_type) == {"head_turn", "leg_swap"}
+    totals = {k: int((half & (kinds[: len(half)] == k)).sum()) for k in ("head_turn", "leg_swap")}
+    assert {k: n for k, (_, n) in result.rejected_by_type.items()} == totals
+    rejected = sum(r for r, _ in result.rejected_by_type.values())
+    assert rejected == round(result.recall * result.failures) and 0 < rejected < result.failures
+    assert "Failures rejected by type: head_turn " in (tmp_path / "th.yaml").read_text()
+    plain = tmp_path / "plain.csv"
+    frame.drop(columns="failure_type").to_csv(plain, index=False)
+    assert calibrate(scores, plain, out=tmp_path / "p.yaml").rejected_by_type == {}
+
+
 @pytest.mark.parametrize("objective", ["f1", "mcc"])
 def test_calibrate_combines_metrics_when_rejecting_everything_looks_best_at_first(
     tmp_path: Path, objective: str
