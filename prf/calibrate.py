@@ -58,6 +58,13 @@ _FALSE = {"0", "reject", "false", "no", "rejected", "failure"}
 
 def load_labels(labels: str | os.PathLike[str]) -> dict[str, bool]:
     """image_id -> True for a FAILURE (an image that should be rejected), from a CSV or a BATCH folder."""
+    return read_labels(labels)[0]
+
+
+def read_labels(labels: str | os.PathLike[str]) -> tuple[dict[str, bool], dict[str, str]]:
+    """The labels, read once: (``load_labels``' image_id -> failure, image_id -> failure type for the
+    failures whose type the labels name: a BATCH's ``injected_failure``, or a CSV's optional
+    ``failure_type`` column; empty when there is none)."""
     path = Path(labels)
     if not path.exists():
         raise FileNotFoundError(f"labels {path} do not exist (a CSV with image_id,keep or a BATCH folder)")
@@ -65,7 +72,8 @@ def load_labels(labels: str | os.PathLike[str]) -> dict[str, bool]:
         from prf.data.batch import BatchReader
 
         manifest = BatchReader(path).manifest
-        return dict(zip(manifest["image_id"], manifest["injected_failure"] != "none", strict=True))
+        kinds = dict(zip(manifest["image_id"], manifest["injected_failure"], strict=True))
+        return {i: kind != "none" for i, kind in kinds.items()}, _failure_types(kinds)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError) as err:
@@ -81,24 +89,15 @@ def load_labels(labels: str | os.PathLike[str]) -> dict[str, bool]:
         if text not in _TRUE | _FALSE:
             raise ValueError(f"{path} line {line}: keep must be 1/0 or keep/reject, got {value!r}")
         out[image_id] = text in _FALSE
-    return out
+    if "failure_type" not in frame.columns:
+        return out, {}
+    kinds = dict(zip(frame["image_id"], frame["failure_type"], strict=True))
+    return out, _failure_types({i: kind for i, kind in kinds.items() if out[i]})
 
 
-def load_failure_types(labels: str | os.PathLike[str]) -> dict[str, str]:
-    """image_id -> failure type for the failures among ``labels`` (``load_labels``' file or folder), from a
-    BATCH's ``injected_failure`` or a CSV's optional ``failure_type`` column; empty when there is none."""
-    path = Path(labels)
-    if path.is_dir():
-        from prf.data.batch import BatchReader
-
-        manifest = BatchReader(path).manifest
-        pairs = zip(manifest["image_id"], manifest["injected_failure"], strict=True)
-    else:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        if "failure_type" not in frame.columns:
-            return {}
-        pairs = zip(frame["image_id"], frame["failure_type"], strict=True)
-    return {image_id: kind for image_id, kind in pairs if kind.strip() not in ("", "none")}
+def _failure_types(kinds: dict[str, str]) -> dict[str, str]:
+    """Drop the images whose type is empty or "none" (faithful ones)."""
+    return {image_id: kind for image_id, kind in kinds.items() if kind.strip() not in ("", "none")}
 
 
 @dataclass
@@ -336,7 +335,7 @@ def calibrate(
     provenance = read_provenance(scores)
     source = read_thresholds_of(provenance)
     names = source.model_names()
-    label_of = load_labels(labels)
+    label_of, failure_types = read_labels(labels)
     table = _load_table(scores, names, list(metrics))
     table = table[(table["status"] == "ok") & table["image_id"].isin(label_of.keys())]
     failure = np.array([label_of[i] for i in table["image_id"]], dtype=bool)
@@ -360,8 +359,8 @@ def calibrate(
         described = f"kept images >= {goal:g} faithful"
     search.give_every_model_a_threshold()
     config = _to_config(search, source, list(metrics))
-    failure_types = {i: kind for i, kind in load_failure_types(labels).items() if label_of.get(i)}
-    final = {k: float(v[0]) for k, v in _quality(search.keep()[:, None], failure).items()}
+    keep = search.keep()
+    final = {k: float(v[0]) for k, v in _quality(keep[:, None], failure).items()}
     result = CalibrationResult(
         config=config,
         objective=described,
@@ -374,7 +373,7 @@ def calibrate(
         keep_precision=final["keep_precision"],
         false_positive_rate=final["fpr"],
         curves={f"{n}_{m}": c for (n, m), v in bad.items() if (c := _curve(v, failure)) is not None},
-        rejected_by_type=_rejected_by_type(search.keep(), table["image_id"], failure_types),
+        rejected_by_type=_rejected_by_type(keep, table["image_id"], failure_types),
     )
     if target_precision is not None and result.keep_precision < target_precision:
         raise ValueError(
