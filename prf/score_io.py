@@ -5,9 +5,10 @@ Streaming and resuming: while scoring, finished rows go to ``<out>.parts/part-NN
 atomically) next to ``<out>.parts/run.json`` (the provenance). A rerun with the same ``--out`` reads the
 image ids already there (and in an existing ``<out>``), refuses if the thresholds or checkpoints differ,
 and scores only the rest. At the end every source (an existing ``<out>`` first, then the parts in order) is
-streamed into a hidden temporary file, de-duplicated by ``image_id``, renamed over ``<out>`` (atomic), and
-only then are the parts removed (``run.json`` last). A kill at any point leaves either the parts or a
-complete ``<out>`` (or both): rerunning finishes the job and each image is in the table exactly once.
+streamed into a hidden temporary file, de-duplicated by ``image_id`` and put in input order (``merge``),
+renamed over ``<out>`` (atomic), and only then are the parts removed (``run.json`` last). A kill at any
+point leaves either the parts or a complete ``<out>`` (or both): rerunning finishes the job and each image
+is in the table exactly once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -223,38 +225,95 @@ def _number(path: Path, prefix: str) -> str:
 
 
 def merge(out: Path, sources: Sequence[Path], schema: pa.Schema, provenance: dict[str, Any]) -> int:
-    """Stream ``sources`` into ``out`` (first occurrence of each image_id wins), atomically; rows written."""
+    """Merge ``sources`` into ``out`` atomically, in input order; returns the rows written.
+
+    Each ``image_id`` is written once: its first occurrence in ``sources`` order wins (a padding
+    sampler's duplicate, or parts left by a kill between the rename and the cleanup). Rows are ordered
+    by ``source_index``, ties in ``sources`` order, so the table does not depend on how many processes
+    scored it or how often the run was resumed.
+
+    Two streaming passes (``_MergeIndex``): the first reads only ``image_id`` and ``source_index`` and
+    works out the order; the second reads each row group of a source once and writes the rows in that
+    order, holding only the row groups it is part way through. Part files are sorted by ``source_index``
+    (every writer scores its images in input order), so that is a few row groups per writer; a source
+    that is not sorted (an ``out`` written by an older version) is held until its rows are all written.
+    Memory: ~16 bytes per row for the order, plus the set of image ids (as any de-duplication needs).
+    """
     metadata = {METADATA_KEY: json.dumps(provenance).encode("utf-8")}
     tmp = out.with_name(f".{out.name}.merge.tmp")
-    seen: set[str] = set()
-    pending: list[pa.Table] = []
-    pending_rows = written = 0
+    index = _MergeIndex(sources)
+    order = index.order()
+    loaded: dict[int, pa.Table] = {}
+    remaining = np.bincount(index.unit[order], minlength=len(index.units))  # rows still to write, per group
     try:
         with pq.ParquetWriter(tmp, schema.with_metadata(metadata)) as writer:
-            for source in sources:
-                for batch in pq.ParquetFile(source).iter_batches(batch_size=MERGE_ROWS):
-                    table = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
-                    fresh = []
-                    for image_id in table.column("image_id").to_pylist():
-                        fresh.append(image_id not in seen)
-                        seen.add(image_id)
-                    table = table.filter(pa.array(fresh, pa.bool_()))
-                    pending.append(table)
-                    pending_rows += table.num_rows
-                    if pending_rows >= MERGE_ROWS:
-                        merged = pa.concat_tables(pending)
-                        writer.write_table(merged, row_group_size=MERGE_ROWS)
-                        written += merged.num_rows
-                        pending, pending_rows = [], 0
-            if pending:
-                merged = pa.concat_tables(pending)
-                writer.write_table(merged, row_group_size=MERGE_ROWS)
-                written += merged.num_rows
+            for start in range(0, len(order), MERGE_ROWS):
+                chosen = order[start : start + MERGE_ROWS]
+                units, rows = index.unit[chosen], index.row[chosen]
+                by_unit = np.argsort(units, kind="stable")  # the chunk's rows grouped by row group
+                pieces = []
+                for unit, block in _runs(units[by_unit], by_unit):
+                    if unit not in loaded:
+                        loaded[unit] = index.read_unit(unit, schema)
+                    pieces.append(loaded[unit].take(pa.array(rows[block])))
+                    remaining[unit] -= len(block)
+                    if remaining[unit] == 0:
+                        del loaded[unit]
+                grouped = pa.concat_tables(pieces)
+                # row k of ``grouped`` is row by_unit[k] of the chunk: put every row back in its place
+                writer.write_table(grouped.take(pa.array(np.argsort(by_unit))), row_group_size=MERGE_ROWS)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return written
+    return len(order)
+
+
+def _runs(sorted_units: np.ndarray, positions: np.ndarray) -> Iterable[tuple[int, np.ndarray]]:
+    """(unit, positions) for each run of equal values in ``sorted_units`` (positions aligned with it)."""
+    starts = np.flatnonzero(np.diff(sorted_units, prepend=-1))
+    ends = np.append(starts[1:], len(sorted_units))
+    for begin, end in zip(starts, ends, strict=True):
+        yield int(sorted_units[begin]), positions[begin:end]
+
+
+class _MergeIndex:
+    """Where every row to merge is (``merge``'s first pass): per kept row its ``source_index`` (``key``),
+    its row group (``unit``: an index into ``units``, the (source, row group) pairs in ``sources``
+    order) and its row in that group (``row``). Rows whose ``image_id`` came earlier are left out."""
+
+    def __init__(self, sources: Sequence[Path]) -> None:
+        self.units: list[tuple[Path, int]] = []
+        seen: set[str] = set()
+        keys, units, rows = [], [], []
+        for source in sources:
+            parquet = pq.ParquetFile(source)
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=["image_id", "source_index"])
+                fresh = []
+                for image_id in table.column("image_id").to_pylist():
+                    fresh.append(image_id not in seen)
+                    seen.add(image_id)
+                kept = np.flatnonzero(fresh)
+                # a row without a position (never written by prf) goes after every positioned row
+                position = table.column("source_index").fill_null(np.iinfo(np.int64).max)
+                keys.append(position.to_numpy()[kept])
+                units.append(np.full(len(kept), len(self.units), dtype=np.int32))
+                rows.append(kept.astype(np.int32))
+                self.units.append((source, group))
+        empty = np.zeros(0, dtype=np.int64)
+        self.key = np.concatenate(keys) if keys else empty
+        self.unit = np.concatenate(units) if units else empty.astype(np.int32)
+        self.row = np.concatenate(rows) if rows else empty.astype(np.int32)
+
+    def order(self) -> np.ndarray:
+        """Positions into ``key`` / ``unit`` / ``row`` in output order (by ``source_index``, stable: ties
+        keep ``sources`` order)."""
+        return np.argsort(self.key, kind="stable")
+
+    def read_unit(self, unit: int, schema: pa.Schema) -> pa.Table:
+        source, group = self.units[unit]
+        return pq.ParquetFile(source).read_row_group(group).select(schema.names).cast(schema)
 
 
 def _iter_columns(path: Path, columns: list[str]) -> Iterable[dict[str, list[Any]]]:

@@ -20,9 +20,8 @@ batch towards the end (guided scheduling), so that no process idles for long whi
 large slice. A process that starts late or runs slow simply takes fewer slices.
 
 Each process writes its rows to its own part files (``PartStore`` rank r, ``part-rRRRRR-NNNNNN.parquet``).
-The caller merges them once all have finished (prf.score.finish_run). In the merged table the rows follow
-the part files, not the input order; ``source_index`` gives the input order. An interrupted run resumes
-as a one-process run does, since the finished parts stay.
+The caller merges them once all have finished (prf.score.finish_run), into input order
+(prf.score_io.merge). An interrupted run resumes as a one-process run does, since the finished parts stay.
 
 Images are decoded inline in each process (no DataLoader workers): the processes already fill the cores.
 """

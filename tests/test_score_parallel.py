@@ -33,8 +33,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 
 def run(env: Env, out: Path, **kwargs) -> pd.DataFrame:
+    """Score into ``out`` and read the table as written: the merge puts it in input order, however many
+    processes scored it (so the comparisons below check the order too)."""
     score(env.batch, env.loose, [env.a, env.b], out, batch_size=BATCH_SIZE, quiet=True, **kwargs)
-    return pd.read_parquet(out).sort_values("source_index").reset_index(drop=True)
+    return pd.read_parquet(out)
 
 
 @pytest.fixture
@@ -75,6 +77,8 @@ def test_two_processes_give_exactly_the_rows_of_one(
     assert len(two) == N_IMAGES and two["image_id"].is_unique
     pd.testing.assert_frame_equal(two, one, check_exact=False, rtol=1e-6, atol=1e-4)
     assert not (tmp_path / "two" / "scores.parquet.parts").exists()
+    for name in ("keep.txt", "reject.txt"):  # the lists follow the input order too
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
 
 
 def caller_waits_for_the_other(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,7 +141,8 @@ def test_a_process_that_dies_with_a_slice_fails_the_run_and_a_rerun_finishes(
     summary = score(env.batch, env.loose, [env.a, env.b], out, batch_size=BATCH_SIZE, quiet=True)
     assert (summary.scored_now, summary.skipped) == (4, 8)
     whole = run(env, tmp_path / "whole" / "scores.parquet")
-    got = pd.read_parquet(out).sort_values("source_index").reset_index(drop=True)
+    got = pd.read_parquet(out)
+    assert list(got["source_index"]) == list(range(N_IMAGES))  # input order after the resume too
     pd.testing.assert_frame_equal(got, whole, check_exact=False, rtol=1e-6, atol=1e-4)
 
 
