@@ -287,24 +287,29 @@ class _MergeIndex:
         seen: set[str] = set()
         keys, units, rows = [], [], []
         for source in sources:
-            parquet = pq.ParquetFile(source)
-            for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group, columns=["image_id", "source_index"])
-                fresh = []
-                for image_id in table.column("image_id").to_pylist():
-                    fresh.append(image_id not in seen)
-                    seen.add(image_id)
-                kept = np.flatnonzero(fresh)
-                # a row without a position (never written by prf) goes after every positioned row
-                position = table.column("source_index").fill_null(np.iinfo(np.int64).max)
-                keys.append(position.to_numpy()[kept])
-                units.append(np.full(len(kept), len(self.units), dtype=np.int32))
-                rows.append(kept.astype(np.int32))
-                self.units.append((source, group))
+            with pq.ParquetFile(source) as parquet:
+                for group in range(parquet.num_row_groups):
+                    table = parquet.read_row_group(group, columns=["image_id", "source_index"])
+                    kept = self._first_occurrences(table.column("image_id").to_pylist(), seen)
+                    # a row without a position (never written by prf) goes after every positioned row
+                    position = table.column("source_index").fill_null(np.iinfo(np.int64).max)
+                    keys.append(position.to_numpy()[kept])
+                    units.append(np.full(len(kept), len(self.units), dtype=np.int32))
+                    rows.append(kept.astype(np.int32))
+                    self.units.append((source, group))
         empty = np.zeros(0, dtype=np.int64)
         self.key = np.concatenate(keys) if keys else empty
         self.unit = np.concatenate(units) if units else empty.astype(np.int32)
         self.row = np.concatenate(rows) if rows else empty.astype(np.int32)
+
+    @staticmethod
+    def _first_occurrences(image_ids: list[str], seen: set[str]) -> np.ndarray:
+        """Positions of the ids not in ``seen`` (nor earlier in ``image_ids``); adds them to ``seen``."""
+        fresh = []
+        for image_id in image_ids:
+            fresh.append(image_id not in seen)
+            seen.add(image_id)
+        return np.flatnonzero(fresh)
 
     def order(self) -> np.ndarray:
         """Positions into ``key`` / ``unit`` / ``row`` in output order (by ``source_index``, stable: ties
@@ -313,7 +318,8 @@ class _MergeIndex:
 
     def read_unit(self, unit: int, schema: pa.Schema) -> pa.Table:
         source, group = self.units[unit]
-        return pq.ParquetFile(source).read_row_group(group).select(schema.names).cast(schema)
+        with pq.ParquetFile(source) as parquet:
+            return parquet.read_row_group(group).select(schema.names).cast(schema)
 
 
 def _iter_columns(path: Path, columns: list[str]) -> Iterable[dict[str, list[Any]]]:
