@@ -1,6 +1,6 @@
 """Generation throughput: the render backend's images/s, and the diffusers backend's per-image overhead.
 
-    python benchmarks/generation_throughput.py [--n 200] [--size 256] [--quick]
+    python benchmarks/generation_throughput.py [--n 200] [--size 256] [--quick] [--out JSON]
 
 1. render backend: end-to-end `prf generate` images/s at --size px (target >= 20 images/s on 2 cores).
 2. diffusion backends at 512 px: the work per image outside the diffusion call (posing, ray casting,
@@ -138,18 +138,20 @@ def bench_tiny_pipeline(n: int, size: int) -> dict[str, float]:
     return {"images": n, "size": size, "seconds": elapsed, "images_per_s": n / elapsed}
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="a smoke run (few images)")
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "generation_throughput.json"
+        "--quick", action="store_true", help="a smoke run (few images); writes only to an explicit --out"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--out", type=Path, help="JSON to write (default: benchmarks/results/generation_throughput.json)"
+    )
+    args = parser.parse_args(argv)
     n = 16 if args.quick else args.n
     result = {
         "machine": machine(),
@@ -159,9 +161,10 @@ def main() -> None:
         "tiny_diffusers_64px": bench_tiny_pipeline(4, 64),
     }
     print(json.dumps(result, indent=2))
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or (None if args.quick else ROOT / "benchmarks" / "results" / "generation_throughput.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ render backend); scoring uses two tiny UNTRAINED regressors made here (random we
 their metrics mean nothing, only the memory does.
 
     python benchmarks/memory.py                      # N = 100 and 1000 (about 15 min of CPU on 2 cores)
-    python benchmarks/memory.py --n 20 --scale 10 --out /tmp/memory.json   # a quick check
+    python benchmarks/memory.py --n 20 --scale 10 --out /tmp/memory.json   # a smaller check
+    python benchmarks/memory.py --quick              # smoke run: N = 8 and 16 (~40 s), writes no file
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def tiny_checkpoint(path: Path, input_size: int, seed: int) -> Path:
     return save_untrained_export(path, input_size, seed, TINY_HEAD, f"untrained-{input_size}px")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -79,12 +80,18 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=10, help="The larger run has SCALE x N images.")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of prf score.")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: N = 8, SCALE = 2; writes only to an explicit --out"
+    )
+    parser.add_argument("--out", type=Path, help="JSON to write (default: benchmarks/results/memory.json)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.scale = 8, 2
     results: dict[str, Any] = {
         "what": "peak RSS of prf generate / prf score for N and SCALE x N images (64 px renders; scoring "
         "with two tiny UNTRAINED regressors, 64 and 48 px inputs)",
         "machine": machine(),
+        "quick": args.quick,
         "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="prf-memory-") as tmp:
@@ -111,9 +118,11 @@ def main() -> None:
         small, large = (r["peak_rss_mib"] for r in results["runs"] if r["command"] == command)
         results[f"{command}_growth"] = round(large / small - 1.0, 4)
         print(f"{command}: {args.scale}x the images -> peak RSS {100 * (large / small - 1):+.1f}%")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, results)
-    print(f"wrote {args.out}")
+    out = args.out or (None if args.quick else ROOT / "benchmarks" / "results" / "memory.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, results)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """PRF scoring throughput: end-to-end `prf score` images/s against the raw forward pass of the two models.
 
     python benchmarks/score_throughput.py BATCH [--models A.pt B.pt] [--batch-size 32] [--processes P]
-        [--limit N] [--repeats 3]
+        [--limit N] [--repeats 3] [--out JSON]
+    python benchmarks/score_throughput.py --quick      # smoke run on a fresh 64-image batch, one round
 
 Two layouts of the machine's cores are measured: one process with every core's torch threads, and
 P processes with cores / P threads each (``prf score --processes``; P defaults to the number of cores, what
@@ -44,12 +45,15 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks.filter_quality import generate_batch  # noqa: E402
 from prf.data.inputs import iter_samples  # noqa: E402
 from prf.models.inference import run_regressor  # noqa: E402
 from prf.predictor import Predictor  # noqa: E402
 from prf.score import REPO_ROOT, score  # noqa: E402
 from prf.score_parallel import usable_cores  # noqa: E402
 
+QUICK_IMAGES = 64  # --quick without a BATCH: this many 64 px images, 30% with injected failures
+QUICK_SEED = 40_000  # disjoint from every training and benchmark seed (benchmarks/README.md)
 DEFAULT_MODELS = [REPO_ROOT / "checkpoints" / "prf_model_a.pt", REPO_ROOT / "checkpoints" / "prf_model_b.pt"]
 
 
@@ -150,11 +154,11 @@ def median_by(rounds: list[dict[str, float]], key: str) -> dict[str, float]:
     return sorted(rounds, key=lambda r: r[key])[len(rounds) // 2]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("batch", type=Path)
+    parser.add_argument("batch", type=Path, nargs="?", help="the BATCH to score (--quick: optional)")
     parser.add_argument("--models", type=Path, nargs=2, default=DEFAULT_MODELS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -163,9 +167,31 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="score only the first N images (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per layout; the median is kept")
     parser.add_argument(
-        "--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "score_throughput.json"
+        "--quick",
+        action="store_true",
+        help=f"smoke run: one round; without BATCH, a fresh {QUICK_IMAGES}-image 64 px batch in a temporary "
+        "folder; writes only to an explicit --out",
     )
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, help="JSON to write (default: results/score_throughput.json)")
+    args = parser.parse_args(argv)
+    if args.batch is None and not args.quick:
+        parser.error("BATCH is required (or --quick)")
+    with tempfile.TemporaryDirectory(prefix="prf-score-throughput-") as tmp:
+        if args.batch is None:
+            args.batch = Path(tmp) / "batch"
+            generate_batch(args.batch, seed=QUICK_SEED, n=QUICK_IMAGES, image_size=64, inject=0.3)
+        result = run(args)
+    print(json.dumps(result, indent=2))
+    out = args.out or (None if args.quick else REPO_ROOT / "benchmarks" / "results" / "score_throughput.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every round of both layouts (module docstring) on ``args.batch``; the JSON-ready result."""
+    if args.quick:
+        args.repeats = 1
     cores = usable_cores()
     layouts = sorted({1, args.processes})
     rounds: dict[int, list[dict[str, float]]] = {processes: [] for processes in layouts}
@@ -178,8 +204,9 @@ def main() -> None:
                 f"{got['marginal_images_per_s']:.1f}, raw {got['raw_forward_images_per_s']:.1f} images/s",
                 flush=True,
             )
-    result = {
+    return {
         "machine": common.machine(),
+        "quick": args.quick,
         "batch": str(args.batch),
         "batch_size": args.batch_size,
         "cores": cores,
@@ -194,9 +221,6 @@ def main() -> None:
             for processes in layouts
         ],
     }
-    print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

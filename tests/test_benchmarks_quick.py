@@ -31,20 +31,48 @@ def test_downstream_seg_quick_trains_and_scores(tmp_path: Path) -> None:
     assert "oracle" in str(result)
 
 
-def test_score_throughput_measures_both_layouts(tmp_path: Path) -> None:
+def test_score_throughput_quick_measures_both_layouts(tmp_path: Path) -> None:
+    """--quick without a BATCH generates its own (64 images); tiny untrained models keep it short."""
     from test_score import make_env
 
-    env = make_env(tmp_path / "env", n=16)
+    env = make_env(tmp_path / "env", n=4)  # only its two tiny checkpoints are used
     out = tmp_path / "throughput.json"
     command = [
         sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "score_throughput.py"),
-        str(env.batch), "--models", str(env.a), str(env.b), "--batch-size", "4", "--processes", "2",
-        "--repeats", "1", "--out", str(out),
+        "--quick", "--models", str(env.a), str(env.b), "--batch-size", "8", "--processes", "2",
+        "--out", str(out),
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=600)
-    layouts = json.loads(out.read_text())["layouts"]
-    assert [layout["processes"] for layout in layouts] == [1, 2]
-    for layout in layouts:
+    result = json.loads(out.read_text())
+    assert result["quick"] is True
+    assert [layout["processes"] for layout in result["layouts"]] == [1, 2]
+    for layout in result["layouts"]:
+        assert len(layout["rounds"]) == 1  # --quick: one round
         measured = layout["median_ratio_round"]
-        assert measured["images"] == 16
+        assert measured["images"] == 64
         assert measured["end_to_end_images_per_s"] > 0 and measured["raw_forward_images_per_s"] > 0
+
+
+def test_generation_throughput_quick_measures_every_backend(tmp_path: Path) -> None:
+    out = tmp_path / "generation.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "generation_throughput.py"
+    command = [sys.executable, str(script), "--quick", "--size", "64", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["quick"] is True
+    assert result["render_backend"]["images"] == 16 and result["render_backend"]["images_per_s"] > 0
+    overhead = result["diffusion_overhead_512px"]
+    assert overhead["serial_overhead_ms_per_image"] > 0 and overhead["pipelined_wall_s"] > 0
+    assert result["tiny_diffusers_64px"]["images_per_s"] > 0
+
+
+def test_memory_quick_measures_generate_and_score_at_two_sizes(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True, timeout=600,
+                   capture_output=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    runs = [(run["command"], run["images"]) for run in result["runs"]]
+    assert runs == [("generate", 8), ("score", 8), ("generate", 16), ("score", 16)]
+    assert all(run["peak_rss_mib"] > 0 for run in result["runs"])
+    assert {"generate_growth", "score_growth"} <= result.keys()
