@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch is None and not args.quick:
         parser.error("BATCH is required (or --quick)")
+    if args.quick:
+        args.repeats = 1
     with tempfile.TemporaryDirectory(prefix="prf-score-throughput-") as tmp:
         if args.batch is None:
             args.batch = Path(tmp) / "batch"
@@ -190,8 +192,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every round of both layouts (module docstring) on ``args.batch``; the JSON-ready result."""
-    if args.quick:
-        args.repeats = 1
     cores = usable_cores()
     layouts = sorted({1, args.processes})
     rounds: dict[int, list[dict[str, float]]] = {processes: [] for processes in layouts}
