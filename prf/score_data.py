@@ -14,7 +14,8 @@ One item (``load_item``), collated by ``collate_items`` into a batch:
     keypoints_3d  (K, 3) float64 annotation keypoints in the camera frame ``R @ X`` (metres; R = I without
                   a camera, as for Animal3D)
     bbox          (4,) float64 x, y, w, h (pixels)
-    mask_area     float, silhouette area in pixels^2 (NaN when the input has no mask)
+    mask_area     float, silhouette area in pixels^2: the annotation's ``mask_area`` when it has one (a
+                  BATCH records it with the mask), else the nonzero pixels of its mask (NaN: no mask)
 
 Nothing here raises for a bad input: an unreadable / truncated / empty image, a missing or invalid
 annotation (NaN, wrong vector lengths, a pose for another joint count), an unreadable mask, or sizes that
@@ -65,6 +66,10 @@ def mask_path_of(ref: SampleRef, annotation: Annotation) -> Path | None:
 
 
 def _mask_area(ref: SampleRef, annotation: Annotation, shape: tuple[int, int]) -> float:
+    """The annotation's recorded ``mask_area``, else the nonzero pixels of its mask, else NaN (no mask).
+    Using the recorded area saves decoding the mask (~0.25 ms and one file open per image)."""
+    if annotation.mask_area is not None:
+        return float(annotation.mask_area)
     path = mask_path_of(ref, annotation)
     if path is None:
         return math.nan

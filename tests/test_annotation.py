@@ -199,3 +199,16 @@ def test_split_betas_pads_and_refuses_too_many() -> None:
         split_betas(np.zeros(42))
     with pytest.raises(ValueError, match=r"num_betas must be in 1\.\.41"):
         Annotation.from_dict(make_entry()).validate_for(num_betas=50)
+
+
+@pytest.mark.parametrize(
+    ("area", "message"),
+    [(-1.0, "must be >= 0"), (32 * 32 + 1, "more than the whole 32 x 32 image"), ("9", "")],
+)
+def test_mask_area_must_fit_the_image(tmp_path: Path, area: object, message: str) -> None:
+    data = {**make_entry(), "mask_area": area}
+    with pytest.raises(AnnotationError) as info:
+        Annotation.from_json_file(write(tmp_path, data))
+    assert info.value.field == "mask_area" and message in str(info.value)
+    assert Annotation.from_dict({**make_entry(), "mask_area": 32 * 32}).mask_area == 1024  # the whole image
+    assert "mask_area" not in Annotation.from_dict(make_entry()).to_json_dict()  # optional, left out unset

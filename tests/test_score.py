@@ -154,7 +154,11 @@ def test_corrupt_image_and_broken_annotations_become_error_rows(env: Env, tmp_pa
     data["keypoint_3d"] = data["keypoint_3d"][:20]  # wrong length
     annotation.write_text(json.dumps(data))
     (bad / "annotations" / "00000004.json").write_text('{"bbox": [1, 2, NaN, 4]')  # malformed JSON
-    (bad / "masks" / "00000005.png").unlink()  # the mask the annotation names is gone
+    (bad / "masks" / "00000005.png").unlink()  # the mask the annotation names is gone ...
+    annotation = bad / "annotations" / "00000005.json"
+    data = json.loads(annotation.read_text())
+    del data["mask_area"]  # ... and its area is not recorded (a batch from before mask_area): unscorable
+    annotation.write_text(json.dumps(data))
     summary = run(env, tmp_path / "out" / "scores.parquet", bad)
     table = pd.read_parquet(tmp_path / "out" / "scores.parquet").set_index("image_id")
     errors = table[table["status"] == "error"]
@@ -174,6 +178,28 @@ def test_corrupt_image_and_broken_annotations_become_error_rows(env: Env, tmp_pa
     keep = (tmp_path / "out" / "keep.txt").read_text().split()
     reject = (tmp_path / "out" / "reject.txt").read_text().split()
     assert sorted(keep) == sorted(ok["image"]) and sorted(reject) == sorted(errors["image"])
+
+
+def test_recorded_mask_area_spares_the_mask_and_equals_the_counted_one(env: Env, tmp_path: Path) -> None:
+    """A BATCH annotation records its mask's area: scoring uses it and never opens the mask (here every
+    mask is gone); without the recorded area the mask is decoded and gives the same number."""
+    recorded, counted = tmp_path / "recorded", tmp_path / "counted"
+    shutil.copytree(env.batch, recorded)
+    shutil.copytree(env.batch, counted)
+    shutil.rmtree(recorded / "masks")
+    for annotation in (counted / "annotations").glob("*.json"):
+        data = json.loads(annotation.read_text())
+        del data["mask_area"]
+        annotation.write_text(json.dumps(data))
+    tables = {}
+    for name, batch in (("recorded", recorded), ("counted", counted)):
+        run(env, tmp_path / name / "scores.parquet", batch)
+        tables[name] = pd.read_parquet(tmp_path / name / "scores.parquet").set_index("image_id")
+    assert (tables["recorded"]["status"] == "ok").all() and (tables["counted"]["status"] == "ok").all()
+    assert (tables["recorded"]["mask_area"] > 0).all()
+    pd.testing.assert_series_equal(tables["recorded"]["mask_area"], tables["counted"]["mask_area"])
+    metrics = ["A_pck", "A_max_kp_error", "B_pck", "keep"]
+    pd.testing.assert_frame_equal(tables["recorded"][metrics], tables["counted"][metrics])
 
 
 def test_killed_and_rerun_gives_the_uninterrupted_table(

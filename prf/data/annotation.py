@@ -4,7 +4,8 @@ One schema serves real Animal3D samples and generated BATCH images, so both go t
 (units; legend: J joints, K = 26 Animal3D keypoints, NB betas):
 
 - ``img_path`` (str), ``mask_path`` (str, optional): relative to the JSON's folder (Animal3D) or to the
-  BATCH root (a BATCH annotation).
+  BATCH root (a BATCH annotation). ``mask_area`` (optional, pixels^2): the mask's nonzero pixel count, as
+  a BATCH writer records it with the mask (``prf score`` then uses it instead of decoding the mask).
 - ``bbox``: [x, y, w, h] pixels; ``width``, ``height``: image size in pixels.
 - ``keypoint_2d``: (K, 3) x, y (pixels), visibility; ``keypoint_3d``: (K, 3) metres, SMAL frame;
   ``reproj_kp_2d``: optional (K, 2) or (K, 3).
@@ -143,6 +144,7 @@ class Annotation(BaseModel):
     bbox: list[Real]
     width: Int
     height: Int
+    mask_area: Real | None = None
     keypoint_2d: list[list[Real]]
     keypoint_3d: list[list[Real]]
     pose: list[Real]
@@ -177,6 +179,18 @@ class Annotation(BaseModel):
     def _positive(cls, v: int) -> int:
         if v <= 0:
             raise ValueError(f"must be a positive number of pixels, got {v}")
+        return v
+
+    @field_validator("mask_area")
+    @classmethod
+    def _mask_area(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is None:
+            return v
+        if v < 0:
+            raise ValueError(f"must be >= 0 (pixels^2: the mask's nonzero pixel count), got {v}")
+        width, height = info.data.get("width"), info.data.get("height")
+        if width is not None and height is not None and v > width * height:
+            raise ValueError(f"{v} pixels^2 is more than the whole {width} x {height} image")
         return v
 
     @field_validator("category", "supercategory")

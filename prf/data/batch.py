@@ -329,7 +329,10 @@ class BatchWriter:
             raise ValueError(f"{image_id}: {leaked} belong in the record, never in the annotation")
         paths = self._relative(image_id)
         row = build_record(image_id, record, annotation, paths)
-        stored = annotation.model_copy(update={"img_path": paths["image"], "mask_path": paths["mask"]})
+        # the silhouette area goes with the mask it is counted in: scoring then needs no mask decode
+        area = float(np.count_nonzero(mask))
+        update = {"img_path": paths["image"], "mask_path": paths["mask"], "mask_area": area}
+        stored = annotation.model_copy(update=update)
         self.record_path(image_id).unlink(missing_ok=True)  # a rewrite is unfinished until its record lands
         write_image(self.root / paths["image"], image)
         write_image(self.root / paths["mask"], mask)
