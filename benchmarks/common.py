@@ -352,6 +352,16 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_result(result: Any, out: Path | None, quick: bool, default: Path) -> Path | None:
+    """Write a benchmark's JSON result to ``out`` when given, else to ``default`` unless it is a
+    ``--quick`` run (smoke runs leave results/ alone); creates the folder. The path written, or None."""
+    path = out or (None if quick else default)
+    if path is None:
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_json(path, result)
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """A table cell: NaN / None -> ``-``, floats with ``digits`` decimals."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):

@@ -28,8 +28,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny diffusers pipeline lives with the tests
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
+from common import write_result  # noqa: E402
 
 from generation.backends import GenerationBackend, GenerationRequest  # noqa: E402
 from generation.config import GenerationConfig, load_category_table  # noqa: E402
@@ -161,10 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "tiny_diffusers_64px": bench_tiny_pipeline(4, 64),
     }
     print(json.dumps(result, indent=2))
-    out = args.out or (None if args.quick else ROOT / "benchmarks" / "results" / "generation_throughput.json")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out, args.quick, ROOT / "benchmarks" / "results" / "generation_throughput.json")
 
 
 if __name__ == "__main__":

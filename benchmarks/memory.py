@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine, write_json  # noqa: E402
+from common import machine, write_result  # noqa: E402
 
 # Runs ``prf ARGS...`` in this process, then prints {"self_kib": ..., "children_kib": ...} as the last line.
 MEASURED = """
@@ -118,10 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         small, large = (r["peak_rss_mib"] for r in results["runs"] if r["command"] == command)
         results[f"{command}_growth"] = round(large / small - 1.0, 4)
         print(f"{command}: {args.scale}x the images -> peak RSS {100 * (large / small - 1):+.1f}%")
-    out = args.out or (None if args.quick else ROOT / "benchmarks" / "results" / "memory.json")
+    out = write_result(results, args.out, args.quick, ROOT / "benchmarks" / "results" / "memory.json")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, results)
         print(f"wrote {out}")
 
 

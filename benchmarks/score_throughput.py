@@ -184,10 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             generate_batch(args.batch, seed=QUICK_SEED, n=QUICK_IMAGES, image_size=64, inject=0.3)
         result = run(args)
     print(json.dumps(result, indent=2))
-    out = args.out or (None if args.quick else REPO_ROOT / "benchmarks" / "results" / "score_throughput.json")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    default = ROOT / "benchmarks" / "results" / "score_throughput.json"
+    common.write_result(result, args.out, args.quick, default)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
