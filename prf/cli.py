@@ -119,6 +119,10 @@ def generate(
     focal_px: Annotated[
         float | None, typer.Option(help="Focal length in pixels (default: 3D-DST's lens).")
     ] = None,
+    image_format: Annotated[
+        str | None,
+        typer.Option(help="png (lossless, the default) or jpg (quality 95, ~5x smaller, faster to score)."),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with more generation settings.")] = None,
     shard: Annotated[str, typer.Option(help="Make only shard i of N (i/N).")] = "0/1",
     devices: Annotated[
@@ -150,6 +154,7 @@ def generate(
         "family_data": str(family_data) if family_data else None,
         "poses": str(poses) if poses else None,
         "focal_px": focal_px,
+        "image_format": image_format,
     }
     settings.update({k: v for k, v in optional.items() if v is not None})
     backend_options = dict(settings.get("backend_options") or {})  # type: ignore[arg-type]

@@ -31,7 +31,9 @@ from prf.data.io import (
     PNG_RGB,
     ImageReadError,
     atomic_write_json,
+    fast_jpeg,
     fast_png,
+    jpeg_frame,
     read_image_rgb,
     read_label_png,
     write_png,
@@ -468,6 +470,61 @@ def test_fast_png_path_is_used_and_gives_pillows_pixels(tmp_path: Path) -> None:
     assert fast_png(tmp_path / "grey.png", PNG_RGB) is None
     assert fast_png(tmp_path / "gamma.png", PNG_GREY) is None
     assert fast_png(tmp_path / "gamma.png", PNG_RGB, max_side=40) is None
+
+
+def _photo_like(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """(H, W, 3) uint8: smooth gradients plus noise, so JPEG codes real detail (not flat blocks)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]]
+    base = np.stack([x * 3, y * 2, (x + y) * 2], axis=2) % 256
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def _pillow_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_fast_jpeg_path_is_used_and_gives_pillows_pixels(tmp_path: Path) -> None:
+    rgb = _photo_like((45, 61), seed=4)  # sides that are not multiples of the 8 / 16 px blocks
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation "rotate 90": neither path applies it
+    Image.fromarray(rgb).save(tmp_path / "baseline.jpg", quality=90)
+    Image.fromarray(rgb).save(tmp_path / "progressive.jpg", quality=75, progressive=True)
+    Image.fromarray(rgb).save(tmp_path / "exif.jpeg", quality=95, exif=exif)  # APP1 before the frame
+    Image.fromarray(rgb).save(tmp_path / "no_subsampling.jpg", quality=95, subsampling=0)
+    Image.fromarray(rgb[:, :, 1]).save(tmp_path / "grey.jpg", quality=90)
+    for name in ("baseline.jpg", "progressive.jpg", "exif.jpeg", "no_subsampling.jpg", "grey.jpg"):
+        path = tmp_path / name
+        fast = fast_jpeg(path)
+        assert fast is not None, name  # imagecodecs is installed and takes the file
+        assert fast.shape == (45, 61, 3) and fast.dtype == np.uint8
+        np.testing.assert_array_equal(read_image_rgb(path), _pillow_rgb(path), err_msg=name)
+    assert jpeg_frame((tmp_path / "exif.jpeg").read_bytes()) == (8, 45, 61, 3)
+    assert jpeg_frame((tmp_path / "grey.jpg").read_bytes()) == (8, 45, 61, 1)
+
+
+def test_jpegs_the_fast_path_leaves_to_pillow(tmp_path: Path) -> None:
+    rgb = _photo_like((40, 48), seed=5)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    Image.fromarray(rgb).save(tmp_path / "plain.jpg", quality=90)
+    data = (tmp_path / "plain.jpg").read_bytes()
+    (tmp_path / "trailing.jpg").write_bytes(data + b"\x00" * 7)  # bytes after the end-of-image marker
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) - 200])
+    (tmp_path / "no_frame.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x04ab\xff\xd9")
+    Image.fromarray(rgb).save(tmp_path / "image.png")
+    for name in ("cmyk.jpg", "trailing.jpg", "truncated.jpg", "no_frame.jpg", "image.png"):
+        assert fast_jpeg(tmp_path / name) is None, name
+    assert fast_jpeg(tmp_path / "plain.jpg", max_side=47) is None  # 48 px wide
+    assert jpeg_frame(b"\x89PNG\r\n\x1a\n") is None
+    # Pillow then decides: CMYK and trailing bytes decode as before, truncated data is a named error
+    for name in ("cmyk.jpg", "trailing.jpg"):
+        np.testing.assert_array_equal(read_image_rgb(tmp_path / name), _pillow_rgb(tmp_path / name))
+    with pytest.raises(ImageReadError, match="truncated or corrupt") as err:
+        read_image_rgb(tmp_path / "truncated.jpg")
+    assert err.value.path == tmp_path / "truncated.jpg"
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image_rgb(tmp_path / "plain.jpg", max_side=47)
 
 
 def test_corrupt_png_data_is_an_error_not_garbage(tmp_path: Path) -> None:

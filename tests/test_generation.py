@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from generation.run import export_animal3d, run_generate
+from prf.cli import app
 from prf.data.animal3d import read_animal3d_json
 from prf.data.batch import BatchReader
 from prf.geometry import project_perspective
@@ -195,3 +197,29 @@ def _assert_same_json(a: object, b: object, where: str = "") -> None:
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6), where
     else:
         assert a == b, where
+
+
+def test_image_format_jpg_writes_jpegs_with_the_same_annotations(
+    faithful_batch: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "jpeg"
+    args = ["generate", str(out), "--n", "6", "--seed", "3", "--image-size", str(SIZE)]
+    args += ["--image-format", "jpg"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    png, jpeg = BatchReader(faithful_batch), BatchReader(out)
+    assert json.loads((out / "batch.json").read_text())["generator"]["image_format"] == "jpg"
+    for image_id in png.image_ids():
+        assert (out / "images" / f"{image_id}.jpg").exists()
+        assert not (out / "images" / f"{image_id}.png").exists()
+        png_ann = png.read_annotation(image_id).model_dump()
+        jpeg_ann = jpeg.read_annotation(image_id).model_dump()
+        assert jpeg_ann.pop("img_path") == f"images/{image_id}.jpg"
+        png_ann.pop("img_path")
+        assert jpeg_ann == png_ann
+        np.testing.assert_array_equal(jpeg.read_mask(image_id), png.read_mask(image_id))  # masks stay PNG
+        difference = np.abs(jpeg.read_image(image_id).astype(int) - png.read_image(image_id).astype(int))
+        assert difference.mean() < 3.0, f"{image_id}: JPEG should differ from the PNG by a few grey levels"
+    bad = CliRunner().invoke(app, ["generate", str(tmp_path / "bad"), "--n", "1", "--image-format", "gif"])
+    assert bad.exit_code != 0 and "image_format" in bad.output
+    assert not (tmp_path / "bad").exists()
