@@ -383,7 +383,7 @@ class RunPlan:
     provenance: dict[str, Any]
     store: PartStore
     schema: pa.Schema
-    todo: list[SampleRef]
+    todo: Sequence[SampleRef]  # a list, or prf.data.shared_refs.SharedRefs in a spawned process
     total: int
 
 

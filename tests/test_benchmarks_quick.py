@@ -76,3 +76,14 @@ def test_memory_quick_measures_generate_and_score_at_two_sizes(tmp_path: Path) -
     assert runs == [("generate", 8), ("score", 8), ("generate", 16), ("score", 16)]
     assert all(run["peak_rss_mib"] > 0 for run in result["runs"])
     assert {"generate_growth", "score_growth"} <= result.keys()
+
+
+def test_todo_handoff_quick_measures_both_ways(tmp_path: Path) -> None:
+    out = tmp_path / "handoff.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "todo_handoff.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True, timeout=600,
+                   capture_output=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["quick"] is True and result["refs"] == 20_000
+    assert result["pickled_list"]["bytes"] > 100 * result["shared_refs"]["handle_bytes"]
+    assert result["shared_refs"]["decode_all_s"] > 0 and result["pickled_list"]["load_s_per_process"] > 0

@@ -1,0 +1,90 @@
+"""prf.data.shared_refs: SampleRefs stored once in a file read back exactly, slice by slice, by any process
+that holds the (tiny) pickled handle; nothing in the files is unpickled."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prf.data.animal3d import SampleRef
+from prf.data.shared_refs import OFFSETS_FILE, SharedRefs, decode_ref, encode_ref
+
+
+def sample_refs(count: int) -> list[SampleRef]:
+    """Refs of the three input kinds, with what their sources put in them: numpy scalars from a BATCH
+    manifest, NaN, an inline Animal3D entry with a newline and non-ASCII text, no image path."""
+    refs = []
+    for k in range(count):
+        kind = k % 3
+        if kind == 0:
+            extra = {"seed": np.int64(7 * k), "failure_effect": np.float64(0.25), "injected_failure": "none"}
+            refs.append(
+                SampleRef(
+                    f"{k:08d}", Path(f"batch/images/{k:08d}.png"), Path(f"batch/annotations/{k:08d}.json"),
+                    None, k, "batch", Path("batch"), extra,
+                )
+            )  # fmt: skip
+        elif kind == 1:
+            entry = {"img_path": f"images/ü {k}.jpg", "bbox": [1.5, 2, 30, 40], "note": "two\nlines\u2028"}
+            refs.append(SampleRef(f"ü {k}", Path(f"/data/images/ü {k}.jpg"), None, entry, k, "animal3d_json",
+                                  Path("/data/train.json")))  # fmt: skip
+        else:
+            nan_entry = {"x": math.nan}
+            refs.append(SampleRef(f"entry-{k}", None, None, nan_entry, k, "animal3d_json", Path("a.json")))
+    return refs
+
+
+def same(got: SampleRef, want: SampleRef) -> bool:
+    """Equal, with NaN equal to NaN and numpy scalars equal to their Python values."""
+    return encode_ref(got) == encode_ref(want) and type(got.image_path) is type(want.image_path)
+
+
+def test_refs_read_back_exactly_by_index_and_slice(tmp_path: Path) -> None:
+    refs = sample_refs(10)
+    shared = SharedRefs.write(refs, tmp_path / "refs")
+    assert len(shared) == 10
+    assert shared[0] == decode_ref(encode_ref(refs[0]))  # plain fields compare equal as dataclasses
+    assert shared[1] == refs[1]
+    assert all(same(shared[k], refs[k]) for k in range(10))
+    assert all(same(a, b) for a, b in zip(shared[3:8], refs[3:8], strict=True))
+    assert len(shared[3:8]) == 5 and len(shared[8:100]) == 2 and shared[5:5] == []
+    assert [r.image_id for r in shared[::4]] == [refs[k].image_id for k in (0, 4, 8)]
+    assert same(shared[-1], refs[-1])
+    assert math.isnan(shared[2].annotation["x"]) and shared[2].image_path is None
+    assert shared[0].extra == {"seed": 0, "failure_effect": 0.25, "injected_failure": "none"}
+    assert shared[1].annotation["note"] == "two\nlines\u2028"
+    with pytest.raises(IndexError, match="out of range for 10"):
+        shared[10]
+    with pytest.raises(IndexError):
+        shared[-11]
+    np.load(tmp_path / "refs" / OFFSETS_FILE, allow_pickle=False)  # plain int64, nothing to unpickle
+
+
+def test_the_pickled_handle_is_tiny_and_reads_the_same_refs(tmp_path: Path) -> None:
+    refs = sample_refs(3000)
+    shared = SharedRefs.write(refs, tmp_path / "refs")
+    shared[0]  # opened (memory-mapped) here: the pickle must not carry the open files or the data
+    handle = pickle.dumps(shared)
+    assert len(handle) < 300 < len(pickle.dumps(refs)) / 1000
+    received = pickle.loads(handle)
+    assert received is not shared and len(received) == 3000
+    assert all(same(a, b) for a, b in zip(received[1000:1064], refs[1000:1064], strict=True))
+    shared.close()
+    assert same(shared[2999], refs[2999])  # reopened on the next access
+
+
+def test_an_empty_list(tmp_path: Path) -> None:
+    shared = SharedRefs.write([], tmp_path / "refs")
+    assert len(shared) == 0 and shared[0:5] == [] and list(shared) == []
+    with pytest.raises(IndexError):
+        shared[0]
+
+
+def test_a_ref_json_cannot_carry_is_refused_when_written(tmp_path: Path) -> None:
+    bad = SampleRef("x", None, None, {"when": object()}, 0, "animal3d_json", Path("a.json"))
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        SharedRefs.write([bad], tmp_path / "refs")
