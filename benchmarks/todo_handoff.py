@@ -5,9 +5,10 @@
 
 ``prf score --processes N`` spawns its other processes when each runs more than one torch thread (on a
 CPU of more than 8 cores, ``auto`` picks 8 processes) or when ``PRF_SCORE_START_METHOD=spawn``. Each
-spawned process used to receive the whole ``RunPlan.todo`` (a list of SampleRefs) pickled; now it gets a
-``prf.data.shared_refs.SharedRefs`` handle and decodes only the slices it takes. Measured here, in one
-process, on N refs shaped like a BATCH's (paths, a manifest row in ``extra``):
+spawned process used to receive the whole ``RunPlan.todo`` (a list of SampleRefs) pickled; now the plan
+writes it to a file once (``prf.data.shared_refs.SharedRefs``), every process gets a handle and decodes
+only the slices it takes. Measured here, in one process, on N refs shaped like a BATCH's (paths, a
+manifest row in ``extra``):
 
 - pickled list: bytes, seconds to dump (once, in the caller) and to load (in EVERY spawned process),
   and the Python heap the loaded list holds (tracemalloc, in a second, untimed run) in every spawned

@@ -21,8 +21,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from prf.checkpoint import sha256_file
 from prf.cpu import usable_cores
 from prf.data.animal3d import SampleRef
 from prf.data.inputs import detect_input, iter_samples
+from prf.data.shared_refs import SharedRefs
 from prf.data.transforms import from_normalised, normalise_batch
 from prf.models.heads import RegressorOutput
 from prf.models.inference import image_keypoints, run_regressor
@@ -333,38 +335,59 @@ def score(
     images, else 1). ``workers`` None picks the decode workers of a one-process run (``default_workers``).
     """
     # imported here: prf.score_parallel builds on this module
-    from prf.score_parallel import batches_in, check_processes, default_processes, score_in_processes
+    from prf.score_parallel import check_processes
 
     check_run_options(batch_size, workers, limit, flush_rows)
     torch_device = resolve_device(device)
     check_processes(processes, torch_device, workers)
     started = time.perf_counter()
     plan = plan_run(input_path, thresholds_path, models, out, limit)
-    if plan.todo:
-        count = default_processes(torch_device, workers, len(plan.todo)) if processes is None else processes
-        count = min(count, batches_in(plan, batch_size))
-        progress = Progress(
-            TextColumn("[bold]score[/]" if count == 1 else f"[bold]score[/] ({count} processes)"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console or Console(stderr=True),
-            disable=quiet,
+    try:  # the list of images to score is a temporary file (plan_run)
+        if plan.todo:
+            _score_todo(plan, torch_device, processes, workers, batch_size, flush_rows, smal, quiet, console)
+        return finish_run(plan, started)
+    finally:
+        plan.release()
+
+
+def _score_todo(
+    plan: RunPlan,
+    torch_device: torch.device,
+    processes: int | None,
+    workers: int | None,
+    batch_size: int,
+    flush_rows: int,
+    smal: SMAL | None,
+    quiet: bool,
+    console: Console | None,
+) -> None:
+    """Score ``plan.todo`` (not empty) in one process or several (``score`` has the arguments)."""
+    # imported here: prf.score_parallel builds on this module
+    from prf.score_parallel import batches_in, default_processes, score_in_processes
+
+    count = default_processes(torch_device, workers, len(plan.todo)) if processes is None else processes
+    count = min(count, batches_in(plan, batch_size))
+    progress = Progress(
+        TextColumn("[bold]score[/]" if count == 1 else f"[bold]score[/] ({count} processes)"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        disable=quiet,
+    )
+    if count == 1 and workers is None:
+        workers = default_workers(torch_device.type)
+    if count > 1:
+        score_in_processes(plan, count, batch_size, flush_rows, smal, progress)
+    else:
+        scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch_device, smal)
+        plan.store.start(plan.provenance)
+        num_joints = scoring[0].predictor.body.num_joints
+        loader = make_loader(
+            plan.todo, specs, num_joints, batch_size, workers or 0, torch_device.type == "cuda"
         )
-        if count == 1 and workers is None:
-            workers = default_workers(device)
-        if count > 1:
-            score_in_processes(plan, count, batch_size, flush_rows, smal, progress)
-        else:
-            scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch_device, smal)
-            plan.store.start(plan.provenance)
-            num_joints = scoring[0].predictor.body.num_joints
-            loader = make_loader(
-                plan.todo, specs, num_joints, batch_size, workers or 0, torch_device.type == "cuda"
-            )
-            combine = plan.thresholds.config.combine
-            _drive(scoring, loader, plan.store, plan.schema, combine, flush_rows, progress)
-    return finish_run(plan, started)
+        combine = plan.thresholds.config.combine
+        _drive(scoring, loader, plan.store, plan.schema, combine, flush_rows, progress)
 
 
 def check_run_options(batch_size: int, workers: int | None, limit: int | None, flush_rows: int) -> None:
@@ -383,8 +406,13 @@ class RunPlan:
     provenance: dict[str, Any]
     store: PartStore
     schema: pa.Schema
-    todo: Sequence[SampleRef]  # a list, or prf.data.shared_refs.SharedRefs in a spawned process
+    todo: Sequence[SampleRef]  # SharedRefs (plan_run): the images still to score, in a temporary file
     total: int
+
+    def release(self) -> None:
+        """Remove the temporary file of images to score (once the run is over, or failed)."""
+        if isinstance(self.todo, SharedRefs):
+            self.todo.remove()
 
 
 def plan_run(
@@ -395,10 +423,13 @@ def plan_run(
     limit: int | None,
 ) -> RunPlan:
     """Check the configuration (thresholds, checkpoints, input, an existing ``out`` or its parts folder:
-    same thresholds and checkpoints) and list the images not scored yet, in input order. Writes nothing.
+    same thresholds and checkpoints) and list the images not scored yet, in input order. Writes nothing
+    but that list: call ``RunPlan.release`` when the run is over.
 
-    Only the SampleRefs still to score are kept (not the whole input), so a resumed run of millions of
-    images holds its remainder only.
+    The list is not held in memory: SampleRefs take ~2.2 KB each as Python objects (2.2 GB for 10^6
+    images), so they go to a temporary folder (``prf.data.shared_refs``: ~370 bytes per image on disk,
+    under ``TMPDIR``), and every process reads the slices it scores from there. Only the images still
+    to score are listed, so a resumed run of millions of images lists its remainder only.
     """
     thresholds = load_thresholds(thresholds_path)
     checkpoints = resolve_checkpoints(thresholds, models)
@@ -416,14 +447,29 @@ def plan_run(
         check_compatible(old, provenance, store.dir)
     for part in store.part_files():
         done |= image_ids(part)
-    total, todo = 0, []
-    for ref in itertools.islice(iter_samples(input_path), limit):
-        total += 1
-        if ref.image_id not in done:
-            todo.append(ref)
+    listed = 0
+
+    def still_to_score() -> Iterator[SampleRef]:
+        nonlocal listed
+        for ref in itertools.islice(iter_samples(input_path), limit):
+            listed += 1
+            if ref.image_id not in done:
+                yield ref
+
     out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="prf-score-todo-"))
+    try:
+        todo = SharedRefs.write(still_to_score(), folder)
+    except OSError as err:
+        SharedRefs(folder).remove()
+        raise OSError(
+            f"cannot write the list of images to score to {folder} (set TMPDIR elsewhere): {err}"
+        ) from err
+    except BaseException:
+        SharedRefs(folder).remove()
+        raise
     schema = scores_schema(thresholds.config.model_names())
-    return RunPlan(thresholds, checkpoints, out, provenance, store, schema, todo, total)
+    return RunPlan(thresholds, checkpoints, out, provenance, store, schema, todo, listed)
 
 
 def finish_run(plan: RunPlan, started: float) -> ScoreSummary:

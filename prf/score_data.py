@@ -162,7 +162,7 @@ class ScoreDataset(Dataset):
     """
 
     def __init__(self, refs: Sequence[SampleRef], specs: Sequence[CropSpec], num_joints: int) -> None:
-        self.refs = list(refs)
+        self.refs = refs  # a list, or SharedRefs: indexed lazily, never copied
         self.specs = list(specs)
         self.num_joints = num_joints
 

@@ -127,26 +127,29 @@ def score_distributed(
         raise ValueError(f"--accelerator must be auto, cpu, gpu or cuda, got {accelerator!r}")
     started = time.perf_counter()
     plan = plan_run(input_path, thresholds_path, models, out, limit)
-    if not plan.todo:  # nothing to score: no processes to launch; the first one merges what is there
-        return finish_run(plan, started) if launched_rank(devices) == 0 else None
-    if quiet:
-        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    loader = make_loader(plan.todo, specs, scoring[0].predictor.body.num_joints, batch_size, workers, gpu)
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=not quiet,
-        use_distributed_sampler=True,
-    )
-    warnings.filterwarnings("ignore", message=".*predict returned None.*")
-    trainer.predict(ScoreModule(scoring, plan, flush_rows), loader, return_predictions=False)
-    if trainer.global_rank != 0:
-        return None
-    return finish_run(plan, started)  # plan.store (no rank) sees every rank's parts
+    try:  # the list of images to score is a temporary file of this rank (plan_run)
+        if not plan.todo:  # nothing to score: no processes to launch; the first one merges what is there
+            return finish_run(plan, started) if launched_rank(devices) == 0 else None
+        if quiet:
+            logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+        scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
+        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        loader = make_loader(plan.todo, specs, scoring[0].predictor.body.num_joints, batch_size, workers, gpu)
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=not quiet,
+            use_distributed_sampler=True,
+        )
+        warnings.filterwarnings("ignore", message=".*predict returned None.*")
+        trainer.predict(ScoreModule(scoring, plan, flush_rows), loader, return_predictions=False)
+        if trainer.global_rank != 0:
+            return None
+        return finish_run(plan, started)  # plan.store (no rank) sees every rank's parts
+    finally:
+        plan.release()

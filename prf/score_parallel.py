@@ -14,12 +14,12 @@ one OpenMP thread after its parent used OpenMP (checked with torch 2.14: every s
 and OpenCV's own thread pool, work). ``PRF_SCORE_START_METHOD=spawn`` forces spawning.
 
 How the work is shared: every process takes the next slice of the images still to score
-(``RunPlan.todo``; a spawned process gets it as a file, ``prf.data.shared_refs``, and decodes only the
-slices it takes, instead of unpickling ~200 bytes per image of the whole list) from a shared counter
-until none are left: the calling process as rank 0, the others
-as ranks 1 .. N-1. A slice is ``CHUNK_BATCHES`` batches while plenty are left, then shrinks to a single
-batch towards the end (guided scheduling), so that no process idles for long while another finishes a
-large slice. A process that starts late or runs slow simply takes fewer slices.
+(``RunPlan.todo``: a file, ``prf.data.shared_refs``, so a spawned process receives a handle, not the
+pickled list, and decodes only the slices it takes) from a shared counter until none are left: the
+calling process as rank 0, the others as ranks 1 .. N-1. A slice is ``CHUNK_BATCHES`` batches while
+plenty are left, then shrinks to a single batch towards the end (guided scheduling), so that no process
+idles for long while another finishes a large slice. A process that starts late or runs slow simply takes
+fewer slices.
 
 Each process writes its rows to its own part files (``PartStore`` rank r, ``part-rRRRRR-NNNNNN.parquet``).
 The caller merges them once all have finished (prf.score.finish_run), into input order
@@ -34,16 +34,13 @@ import math
 import multiprocessing as mp
 import os
 import queue
-import shutil
 import sys
-import tempfile
 import threading
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,7 +48,6 @@ from rich.progress import Progress
 
 from prf.body.smal import SMAL
 from prf.cpu import usable_cores
-from prf.data.shared_refs import SharedRefs
 from prf.score import RunPlan, ScoringModel, load_models, score_batch
 from prf.score_data import CropSpec, collate_items, load_item
 from prf.score_io import PartStore, PartWriter
@@ -254,37 +250,15 @@ def score_in_processes(
     own_threads = torch.get_num_threads()
     spawned: list[Any] = []
     start_errors: list[str] = []
-    refs_folders: list[Path] = []  # the spawned processes' copy of plan.todo, removed at the end
 
-    def start_all(loaded: LoadedModels | None) -> None:
-        """Create and start the other processes. A spawned one gets ``plan.todo`` as a file
-        (prf.data.shared_refs), written here: with spawning this runs in a thread while this process
-        scores (10^6 images: 13 s to write, against 30 s to unpickle the list in every process)."""
-        child_job = job  # forked children inherit the list
-        if method == "spawn":
-            try:
-                refs_folders.append(Path(tempfile.mkdtemp(prefix="prf-score-refs-")))
-                todo = SharedRefs.write(plan.todo, refs_folders[-1])
-                child_job = replace(job, plan=replace(plan, todo=todo))
-            except Exception as err:  # this process scores alone; reported once it is done
-                problem = f"the images to score could not be written for it: {type(err).__name__}: {err}"
-                start_errors.extend(f"prf-score-{r} did not start: {problem}" for r in range(1, processes))
-                return
-        spawned.extend(
-            context.Process(
-                target=_spawned_rank,
-                args=(rank, child_job, threads, errors, loaded),
-                name=f"prf-score-{rank}",
-            )
-            for rank in range(1, processes)
-        )
+    def start_all() -> None:
         for process in spawned:
             try:
                 process.start()
             except Exception as err:  # reported with the other failures once this process is done
                 start_errors.append(f"{process.name} did not start: {type(err).__name__}: {err}")
 
-    starter = threading.Thread(target=start_all, args=(None,), daemon=True)
+    starter = threading.Thread(target=start_all, daemon=True)
     try:
         # its share from the start: the other processes import or score on the other cores meanwhile
         # (measured: benchmarks/README.md)
@@ -294,7 +268,16 @@ def score_in_processes(
             loaded = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
             sys.stdout.flush()
             sys.stderr.flush()  # else a child could write this process's buffered output again
-            start_all(loaded)  # milliseconds: rank 1 entered its loop within 0.01 s of rank 0 (measured)
+        spawned += [
+            context.Process(
+                target=_spawned_rank,
+                args=(rank, job, threads, errors, loaded),
+                name=f"prf-score-{rank}",
+            )
+            for rank in range(1, processes)
+        ]
+        if method == "fork":
+            start_all()  # milliseconds: rank 1 entered its loop within 0.01 s of rank 0 (measured)
         else:
             # from a thread: a spawned child imports torch before it reads its arguments, and until then
             # Process.start() blocks on the pipe; this process scores meanwhile
@@ -319,8 +302,6 @@ def score_in_processes(
             if process.is_alive():
                 process.terminate()
                 process.join()
-        for folder in refs_folders:
-            shutil.rmtree(folder, ignore_errors=True)
     failures = [process for process in started(spawned) if process.exitcode != 0]
     if not failures and not start_errors:
         return

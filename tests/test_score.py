@@ -10,6 +10,7 @@ import json
 import operator
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +206,9 @@ def test_recorded_mask_area_spares_the_mask_and_equals_the_counted_one(env: Env,
 def test_killed_and_rerun_gives_the_uninterrupted_table(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    scratch = tmp_path / "tmp"  # where each run's list of images to score goes (prf.data.shared_refs)
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     whole = tmp_path / "whole" / "scores.parquet"
     run(env, whole)
     out = tmp_path / "resumed" / "scores.parquet"
@@ -220,6 +224,7 @@ def test_killed_and_rerun_gives_the_uninterrupted_table(
     with pytest.raises(KeyboardInterrupt):
         score(env.batch, env.loose, [env.a, env.b], out, batch_size=3, quiet=True, flush_rows=1)
     assert not out.exists() and len(list(out.with_name("scores.parquet.parts").glob("part-*.parquet"))) == 2
+    assert not any(scratch.iterdir())  # the list is removed however the run ends
     monkeypatch.setattr(score_module, "score_batch", real)
     # A kill while merging: renaming the merged file over the output fails; the parts survive.
     real_replace = os.replace
@@ -248,6 +253,32 @@ def test_killed_and_rerun_gives_the_uninterrupted_table(
     (parts / "run.json").write_text(json.dumps(score_io.read_provenance(out)))
     assert run(env, out).scored_now == 0 and not parts.exists()
     pd.testing.assert_frame_equal(pd.read_parquet(out), got)
+    assert not any(scratch.iterdir())
+
+
+def test_a_list_of_images_that_cannot_be_written_fails_before_any_model_is_loaded(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def full_disk(refs, folder):
+        next(iter(refs))  # the input was being listed
+        raise OSError(28, "No space left on device")
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(score_module.SharedRefs, "write", full_disk)
+    monkeypatch.setattr(score_module, "load_models", no_models)
+    out = tmp_path / "s" / "scores.parquet"
+    with pytest.raises(
+        OSError, match=r"cannot write the list of images to score to .*prf-score-todo-.*TMPDIR"
+    ):
+        run(env, out)
+    assert not any(scratch.iterdir()) and not out.exists()
+    assert not out.with_name("scores.parquet.parts").exists()
 
 
 def test_scoring_an_animal3d_json_matches_the_batch(env: Env, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import torch
 from test_score import Env, make_env
 
+import prf.score as score_module
 import prf.score_io as score_io
 import prf.score_parallel as score_parallel
 from prf.score import score
@@ -72,18 +74,21 @@ def test_two_processes_give_exactly_the_rows_of_one(
         real_cleanup(store)
 
     monkeypatch.setattr(score_io.PartStore, "cleanup", cleanup)
-    handed_over: list[Path] = []  # a spawned process gets the images to score as a file, not pickled
-    real_write = score_parallel.SharedRefs.write
+    scratch = tmp_path / "tmp"  # the list of images to score, which every process reads
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    listed: list[Path] = []
+    real_write = score_module.SharedRefs.write
 
     def write(refs, folder):
-        handed_over.append(Path(folder))
+        listed.append(Path(folder))
         return real_write(refs, folder)
 
-    monkeypatch.setattr(score_parallel.SharedRefs, "write", write)
+    monkeypatch.setattr(score_module.SharedRefs, "write", write)
     two = run(env, tmp_path / "two" / "scores.parquet", processes=2)
     assert any(name.startswith("part-r00001-") for name in merged_parts)  # the other process's rows
-    assert len(handed_over) == (method == "spawn")
-    assert not any(folder.exists() for folder in handed_over)  # removed once the processes finished
+    assert len(listed) == 1 and listed[0].parent == scratch  # written once, by the calling process
+    assert not any(scratch.iterdir())  # and removed once every process finished
     assert len(two) == N_IMAGES and two["image_id"].is_unique
     pd.testing.assert_frame_equal(two, one, check_exact=False, rtol=1e-6, atol=1e-4)
     assert not (tmp_path / "two" / "scores.parquet.parts").exists()
@@ -132,33 +137,6 @@ def test_a_process_that_fails_before_any_work_is_a_warning(
     with pytest.warns(UserWarning, match=r"(?s)1 of 1 forked .* failed; the other processes scored"):
         table = run(env, out, processes=2)
     assert torch.get_num_threads() == threads
-    pd.testing.assert_frame_equal(table, run(env, tmp_path / "one" / "scores.parquet"))
-
-
-def test_images_that_cannot_be_handed_to_spawned_processes_are_scored_by_the_caller(
-    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread_each: None
-) -> None:
-    monkeypatch.setenv(score_parallel.START_METHOD_ENV, "spawn")
-
-    def full_disk(refs, folder):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(score_parallel.SharedRefs, "write", full_disk)
-    made: list[Path] = []
-    real_mkdtemp = score_parallel.tempfile.mkdtemp
-
-    def mkdtemp(**kwargs) -> str:
-        made.append(Path(real_mkdtemp(**kwargs)))
-        return str(made[-1])
-
-    monkeypatch.setattr(score_parallel.tempfile, "mkdtemp", mkdtemp)
-    expected = (
-        r"(?s)1 of 1 spawned scoring processes failed; the other processes scored every image.*"
-        r"prf-score-1 did not start: the images to score could not be written for it: OSError.*No space left"
-    )
-    with pytest.warns(UserWarning, match=expected):
-        table = run(env, tmp_path / "s" / "scores.parquet", processes=2)
-    assert len(made) == 1 and not made[0].exists()  # removed even though nothing was written into it
     pd.testing.assert_frame_equal(table, run(env, tmp_path / "one" / "scores.parquet"))
 
 

@@ -1,11 +1,12 @@
-"""A read-only list of SampleRefs kept in a file, for handing millions of them to spawned processes.
+"""A read-only list of SampleRefs kept in a file: how ``prf score`` holds the images it still has to score.
 
-Why: a spawned process receives its arguments pickled. A list of SampleRefs pickles to ~200 bytes and
-unpickles in ~50 us per ref (its Paths are parsed again), so each spawned scoring process of a run of
-10^6 images would spend ~50 s and ~200 MB on its copy of the list before scoring a single image, and
-only ever read its own share of it. ``SharedRefs.write`` stores the refs once, as JSON Lines, with an
-int64 offsets array beside them; a ``SharedRefs`` pickles to its folder's path alone, opens the files
-(memory-mapped, so every process shares the page cache) on first use and decodes only the refs it reads.
+Why: as Python objects SampleRefs take ~2.2 KB each (2.2 GB for 10^6 images), and a spawned process
+receives its arguments pickled: ~200 bytes per ref, unpickled in ~30 us each (its Paths are parsed
+again), so each spawned scoring process of a run of 10^6 images spent ~30 s and 1.8 GB on its copy of a
+list of which it only ever reads its own share (benchmarks/todo_handoff.py). ``SharedRefs.write`` stores
+the refs once, as JSON Lines, with an int64 offsets array beside them; a ``SharedRefs`` pickles to its
+folder's path alone, opens the files (memory-mapped, so every process shares the page cache) on first use
+and decodes only the refs it reads (~19 us each).
 
 Files in ``folder``: ``refs.jsonl`` (one JSON array per ref) and ``offsets.npy`` ((N + 1,) int64 byte
 offsets into it, loaded with ``allow_pickle=False``). Nothing is ever unpickled from them.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -140,6 +142,11 @@ class SharedRefs(Sequence[SampleRef]):
         if isinstance(self._data, mmap.mmap):
             self._data.close()
         self._offsets = self._data = None
+
+    def remove(self) -> None:
+        """Unmap and delete the folder with its files (the list is gone for every process)."""
+        self.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"folder": self.folder}  # the files are opened again in the receiving process
