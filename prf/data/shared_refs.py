@@ -6,7 +6,7 @@ again), so each spawned scoring process of a run of 10^6 images spent ~30 s and 
 list of which it only ever reads its own share (benchmarks/todo_handoff.py). ``SharedRefs.write`` stores
 the refs once, as JSON Lines, with an int64 offsets array beside them; a ``SharedRefs`` pickles to its
 folder's path alone, opens the files (memory-mapped, so every process shares the page cache) on first use
-and decodes only the refs it reads (~19 us each).
+and decodes only the refs it reads (~20 us each).
 
 Files in ``folder``: ``refs.jsonl`` (one JSON array per ref) and ``offsets.npy`` ((N + 1,) int64 byte
 offsets into it, loaded with ``allow_pickle=False``). Nothing is ever unpickled from them.
