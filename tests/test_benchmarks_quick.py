@@ -12,6 +12,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 pytestmark = pytest.mark.slow
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_quick(script: str, out: Path, *args: str) -> dict:
+    """Run ``benchmarks/<script> --quick ARGS --out OUT`` in a fresh interpreter; its JSON result."""
+    command = [sys.executable, str(BENCHMARKS / script), "--quick", *args, "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    return json.loads(out.read_text())
 
 
 def test_filter_quality_quick_runs_every_filter(tmp_path: Path) -> None:
@@ -36,14 +44,8 @@ def test_score_throughput_quick_measures_both_layouts(tmp_path: Path) -> None:
     from test_score import make_env
 
     env = make_env(tmp_path / "env", n=4)  # only its two tiny checkpoints are used
-    out = tmp_path / "throughput.json"
-    command = [
-        sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "score_throughput.py"),
-        "--quick", "--models", str(env.a), str(env.b), "--batch-size", "8", "--processes", "2",
-        "--out", str(out),
-    ]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True, timeout=600)
-    result = json.loads(out.read_text())
+    args = ["--models", str(env.a), str(env.b), "--batch-size", "8", "--processes", "2"]
+    result = run_quick("score_throughput.py", tmp_path / "throughput.json", *args)
     assert result["quick"] is True
     assert [layout["processes"] for layout in result["layouts"]] == [1, 2]
     for layout in result["layouts"]:
@@ -54,11 +56,7 @@ def test_score_throughput_quick_measures_both_layouts(tmp_path: Path) -> None:
 
 
 def test_generation_throughput_quick_measures_every_backend(tmp_path: Path) -> None:
-    out = tmp_path / "generation.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "generation_throughput.py"
-    command = [sys.executable, str(script), "--quick", "--size", "64", "--out", str(out)]
-    subprocess.run(command, check=True, capture_output=True, timeout=600)
-    result = json.loads(out.read_text())
+    result = run_quick("generation_throughput.py", tmp_path / "generation.json", "--size", "64")
     assert result["quick"] is True
     assert result["render_backend"]["images"] == 16 and result["render_backend"]["images_per_s"] > 0
     overhead = result["diffusion_overhead_512px"]
@@ -67,11 +65,7 @@ def test_generation_throughput_quick_measures_every_backend(tmp_path: Path) -> N
 
 
 def test_memory_quick_measures_generate_and_score_at_two_sizes(tmp_path: Path) -> None:
-    out = tmp_path / "memory.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
-    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True, timeout=600,
-                   capture_output=True)  # fmt: skip
-    result = json.loads(out.read_text())
+    result = run_quick("memory.py", tmp_path / "memory.json")
     runs = [(run["command"], run["images"]) for run in result["runs"]]
     assert runs == [("generate", 8), ("score", 8), ("generate", 16), ("score", 16)]
     assert all(run["peak_rss_mib"] > 0 for run in result["runs"])
@@ -79,11 +73,7 @@ def test_memory_quick_measures_generate_and_score_at_two_sizes(tmp_path: Path) -
 
 
 def test_todo_handoff_quick_measures_both_ways(tmp_path: Path) -> None:
-    out = tmp_path / "handoff.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "todo_handoff.py"
-    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True, timeout=600,
-                   capture_output=True)  # fmt: skip
-    result = json.loads(out.read_text())
+    result = run_quick("todo_handoff.py", tmp_path / "handoff.json")
     assert result["quick"] is True and result["refs"] == 20_000
     assert result["pickled_list"]["bytes"] > 100 * result["shared_refs"]["handle_bytes"]
     assert result["shared_refs"]["decode_all_s"] > 0 and result["pickled_list"]["load_s_per_process"] > 0
