@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny diffusers pipeline lives wit
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
-from common import write_result  # noqa: E402
+from common import machine, write_result  # noqa: E402
 
 from generation.backends import GenerationBackend, GenerationRequest  # noqa: E402
 from generation.config import GenerationConfig, load_category_table  # noqa: E402
@@ -40,10 +39,6 @@ from generation.pose_sources import build_pose_source  # noqa: E402
 from generation.run import run_generate  # noqa: E402
 from prf.body import SMAL  # noqa: E402
 from prf.data.batch import BatchWriter  # noqa: E402
-
-
-def machine() -> dict[str, object]:
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
 
 
 def bench_render(n: int, size: int, workers: int) -> dict[str, float]:
