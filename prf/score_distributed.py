@@ -130,26 +130,44 @@ def score_distributed(
     try:  # the list of images to score is a temporary file of this rank (plan_run)
         if not plan.todo:  # nothing to score: no processes to launch; the first one merges what is there
             return finish_run(plan, started) if launched_rank(devices) == 0 else None
-        if quiet:
-            logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-        scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
-        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        loader = make_loader(plan.todo, specs, scoring[0].predictor.body.num_joints, batch_size, workers, gpu)
-        trainer = pl.Trainer(
-            accelerator=accelerator,
-            devices=devices,
-            num_nodes=num_nodes,
-            strategy=strategy,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=not quiet,
-            use_distributed_sampler=True,
-        )
-        warnings.filterwarnings("ignore", message=".*predict returned None.*")
-        trainer.predict(ScoreModule(scoring, plan, flush_rows), loader, return_predictions=False)
-        if trainer.global_rank != 0:
-            return None
-        return finish_run(plan, started)  # plan.store (no rank) sees every rank's parts
+        settings = {
+            "accelerator": accelerator,
+            "devices": devices,
+            "num_nodes": num_nodes,
+            "strategy": strategy,
+        }
+        rank = _predict(plan, settings, batch_size, workers, smal, quiet, flush_rows)
+        # plan.store (no rank) sees every rank's parts
+        return finish_run(plan, started) if rank == 0 else None
     finally:
         plan.release()
+
+
+def _predict(
+    plan: RunPlan,
+    settings: dict[str, Any],
+    batch_size: int,
+    workers: int,
+    smal: SMAL | None,
+    quiet: bool,
+    flush_rows: int,
+) -> int:
+    """Run Lightning's predict loop over ``plan.todo`` with the Trainer ``settings`` (accelerator,
+    devices, num_nodes, strategy); every rank writes its part files. Returns this process's global rank."""
+    if quiet:
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
+    accelerator = settings["accelerator"]
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    loader = make_loader(plan.todo, specs, scoring[0].predictor.body.num_joints, batch_size, workers, gpu)
+    trainer = pl.Trainer(
+        **settings,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=not quiet,
+        use_distributed_sampler=True,
+    )
+    warnings.filterwarnings("ignore", message=".*predict returned None.*")
+    trainer.predict(ScoreModule(scoring, plan, flush_rows), loader, return_predictions=False)
+    return trainer.global_rank
