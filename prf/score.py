@@ -41,7 +41,7 @@ from prf.checkpoint import sha256_file
 from prf.cpu import usable_cores
 from prf.data.animal3d import SampleRef
 from prf.data.inputs import detect_input, iter_samples
-from prf.data.shared_refs import SharedRefs
+from prf.data.shared_refs import RefsWriteError, SharedRefs
 from prf.data.transforms import from_normalised, normalise_batch
 from prf.models.heads import RegressorOutput
 from prf.models.inference import image_keypoints, run_regressor
@@ -456,18 +456,20 @@ def plan_run(
             if ref.image_id not in done:
                 yield ref
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="prf-score-todo-"))
+    hint = "the list of images to score goes under TMPDIR; set TMPDIR to a writable disk with room"
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="prf-score-todo-"))
+    except OSError as err:
+        raise RefsWriteError(f"cannot make a temporary folder ({hint}): {err}") from err
     try:
         todo = SharedRefs.write(still_to_score(), folder)
-    except OSError as err:
+    except RefsWriteError as err:
         SharedRefs(folder).remove()
-        raise OSError(
-            f"cannot write the list of images to score to {folder} (set TMPDIR elsewhere): {err}"
-        ) from err
-    except BaseException:
+        raise RefsWriteError(f"{err} ({hint})") from err
+    except BaseException:  # the input's own errors, Ctrl-C: nothing left behind
         SharedRefs(folder).remove()
         raise
+    out.parent.mkdir(parents=True, exist_ok=True)
     schema = scores_schema(thresholds.config.model_names())
     return RunPlan(thresholds, checkpoints, out, provenance, store, schema, todo, listed)
 

@@ -6,6 +6,7 @@ the pipeline; their metrics mean nothing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import operator
 import os
@@ -19,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
+import prf.data.shared_refs as shared_refs
 import prf.score as score_module
 import prf.score_io as score_io
 from generation.run import export_animal3d, run_generate
@@ -263,22 +265,35 @@ def test_a_list_of_images_that_cannot_be_written_fails_before_any_model_is_loade
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
-    def full_disk(refs, folder):
-        next(iter(refs))  # the input was being listed
-        raise OSError(28, "No space left on device")
-
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(score_module.SharedRefs, "write", full_disk)
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(score_module, "load_models", no_models)
+    monkeypatch.setattr(shared_refs.np, "save", full_disk)  # the offsets, written after every ref
     out = tmp_path / "s" / "scores.parquet"
-    with pytest.raises(
-        OSError, match=r"cannot write the list of images to score to .*prf-score-todo-.*TMPDIR"
-    ):
+    expected = (
+        r"cannot write .*prf-score-todo-.*offsets\.npy: \[Errno 28\] No space left on device "
+        r"\(the list of images to score goes under TMPDIR"
+    )
+    with pytest.raises(shared_refs.RefsWriteError, match=expected):
         run(env, out)
-    assert not any(scratch.iterdir()) and not out.exists()
-    assert not out.with_name("scores.parquet.parts").exists()
+    assert not any(scratch.iterdir()) and not out.parent.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(score_module, "load_models", no_models)
+
+    def unreadable_input(path):  # an input that fails while it is listed is not blamed on TMPDIR
+        yield from itertools.islice(iter_samples(path), 2)
+        raise PermissionError(13, "Permission denied", str(path / "manifest.parquet"))
+
+    monkeypatch.setattr(score_module, "iter_samples", unreadable_input)
+    with pytest.raises(PermissionError) as err:
+        run(env, out)
+    assert not isinstance(err.value, shared_refs.RefsWriteError) and "TMPDIR" not in str(err.value)
+    assert not any(scratch.iterdir()) and not out.parent.exists()
 
 
 def test_scoring_an_animal3d_json_matches_the_batch(env: Env, tmp_path: Path) -> None:

@@ -30,6 +30,11 @@ REFS_FILE = "refs.jsonl"
 OFFSETS_FILE = "offsets.npy"
 
 
+class RefsWriteError(OSError):
+    """The list could not be written (disk full, no permission): names the folder; errors raised by the
+    refs being written (the input's) pass through unchanged instead."""
+
+
 def _json_default(value: Any) -> Any:
     """numpy scalars and arrays (a BATCH manifest's columns come through pandas) as plain JSON."""
     if isinstance(value, (np.generic, np.ndarray)):
@@ -91,16 +96,30 @@ class SharedRefs(Sequence[SampleRef]):
 
     @classmethod
     def write(cls, refs: Iterable[SampleRef], folder: str | os.PathLike[str]) -> SharedRefs:
-        """Store ``refs`` in ``folder`` (created; existing files replaced) and return the list."""
+        """Store ``refs`` in ``folder`` (created; existing files replaced) and return the list.
+
+        Raises:
+            RefsWriteError: a file could not be written. Whatever iterating ``refs`` raises passes through.
+        """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         offsets = [0]
-        with open(folder / REFS_FILE, "wb") as handle:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / REFS_FILE, "wb")  # noqa: SIM115 - closed below, errors told apart
+        except OSError as err:
+            raise RefsWriteError(f"cannot write {folder / REFS_FILE}: {err}") from err
+        with handle:
             for ref in refs:
                 line = encode_ref(ref)
-                handle.write(line)
+                try:
+                    handle.write(line)
+                except OSError as err:
+                    raise RefsWriteError(f"cannot write {folder / REFS_FILE}: {err}") from err
                 offsets.append(offsets[-1] + len(line))
-        np.save(folder / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+        try:
+            np.save(folder / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+        except OSError as err:
+            raise RefsWriteError(f"cannot write {folder / OFFSETS_FILE}: {err}") from err
         return cls(folder)
 
     def _open(self) -> tuple[np.ndarray, mmap.mmap | bytes]:
