@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 
 pytestmark = pytest.mark.slow
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def run_quick(script: str, out: Path, *args: str) -> dict:
