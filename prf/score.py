@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from prf.checkpoint import sha256_file
 from prf.cpu import usable_cores
 from prf.data.animal3d import SampleRef
 from prf.data.inputs import detect_input, iter_samples
-from prf.data.shared_refs import RefsWriteError, SharedRefs
+from prf.data.shared_refs import RefsWriteError, SharedRefs, temporary_folder
 from prf.data.transforms import from_normalised, normalise_batch
 from prf.models.heads import RegressorOutput
 from prf.models.inference import image_keypoints, run_regressor
@@ -67,6 +66,7 @@ from prf.score_io import (
 from prf.thresholds import METRICS, ModelThresholds, ThresholdsFile, load_thresholds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TODO_PREFIX = "prf-score-todo-"  # + pid: the list of images a run scores (plan_run), under TMPDIR
 
 
 @dataclass
@@ -458,7 +458,7 @@ def plan_run(
 
     hint = "the list of images to score goes under TMPDIR; set TMPDIR to a writable disk with room"
     try:
-        folder = Path(tempfile.mkdtemp(prefix="prf-score-todo-"))
+        folder = temporary_folder(TODO_PREFIX)
     except OSError as err:
         raise RefsWriteError(f"cannot make a temporary folder ({hint}): {err}") from err
     try:

@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,13 +157,19 @@ def test_merge_of_nothing_writes_an_empty_table_with_the_schema(tmp_path: Path) 
     assert score_io.read_provenance(out) == {"input": "x"}
 
 
-def _start_killed(env: Env, out: Path, event: int, when: str) -> subprocess.Popen:
+def _start_killed(env: Env, out: Path, event: int, when: str, scratch: Path) -> subprocess.Popen:
     args = [sys.executable, "-c", KILLED_RUN, str(env.root), str(out), str(event), when]
-    return subprocess.Popen(args, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    environment = {**child_env(), "TMPDIR": str(scratch)}  # where its list of images to score goes
+    return subprocess.Popen(args, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(env: Env, tmp_path: Path) -> None:
+def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     expected = run_whole(env, tmp_path / "whole" / "scores.parquet")
     events = 3 + N_IMAGES // 2 + 1  # run.json, the parts, merged table, keep.txt, reject.txt (minus one)
     plans = {}
@@ -172,7 +179,7 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(env: 
         event = 0 if seed == 0 else rng.randint(1, events)
         plans[seed] = (event, rng.choice(["before", "after"]), rng.uniform(0.0, 2.0))
     children = {
-        seed: _start_killed(env, tmp_path / str(seed) / "scores.parquet", event, when)
+        seed: _start_killed(env, tmp_path / str(seed) / "scores.parquet", event, when, scratch)
         for seed, (event, when, _) in plans.items()
     }
     timer = children[0]
@@ -182,6 +189,7 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(env: 
     for seed, child in children.items():
         _, err = child.communicate(timeout=240)
         assert child.returncode == -signal.SIGKILL, f"seed {seed} {plans[seed]} was not killed: {err[-2000:]}"
+    assert any(scratch.iterdir())  # a killed run cannot remove its list: the next run removes it
     for seed, (event, when, _) in plans.items():
         out = tmp_path / str(seed) / "scores.parquet"
         run_whole(env, out)  # the rerun, with the same arguments
@@ -192,6 +200,7 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(env: 
         assert leftovers == ["keep.txt", "reject.txt", "scores.parquet"], (seed, event, when, leftovers)
         assert (out.parent / "keep.txt").read_text() == (expected_lists := _lists(expected))[0]
         assert (out.parent / "reject.txt").read_text() == expected_lists[1]
+    assert not any(scratch.iterdir())
 
 
 def _lists(table: pd.DataFrame) -> tuple[str, str]:

@@ -4,14 +4,18 @@ that holds the (tiny) pickled handle; nothing in the files is unpickled."""
 from __future__ import annotations
 
 import math
+import os
 import pickle
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from prf.data.animal3d import SampleRef
-from prf.data.shared_refs import OFFSETS_FILE, SharedRefs, decode_ref, encode_ref
+from prf.data.shared_refs import OFFSETS_FILE, SharedRefs, decode_ref, encode_ref, temporary_folder
 
 
 def sample_refs(count: int) -> list[SampleRef]:
@@ -88,3 +92,22 @@ def test_a_ref_json_cannot_carry_is_refused_when_written(tmp_path: Path) -> None
     bad = SampleRef("x", None, None, {"when": object()}, 0, "animal3d_json", Path("a.json"))
     with pytest.raises(TypeError, match="not JSON-serialisable"):
         SharedRefs.write([bad], tmp_path / "refs")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="stale folders are found by pid only on POSIX")
+def test_a_new_temporary_folder_removes_those_of_processes_that_are_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f"prf-test-{gone}-abc"  # left by a run killed with SIGKILL
+    live = tmp_path / f"prf-test-{os.getppid()}-def"  # another run, still going
+    other = tmp_path / "prf-testing-notes"  # not of this form: never touched
+    for folder in (stale, live, other):
+        (folder / "refs.jsonl").parent.mkdir()
+        (folder / "refs.jsonl").write_text("[]\n")
+    made = temporary_folder("prf-test-")
+    assert made.is_dir() and made.parent == tmp_path and made.name.startswith(f"prf-test-{os.getpid()}-")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert temporary_folder("prf-test-") != made and made.exists()  # this process's own folders stay

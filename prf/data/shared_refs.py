@@ -18,6 +18,7 @@ import json
 import mmap
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -28,6 +29,33 @@ from prf.data.animal3d import SampleRef
 
 REFS_FILE = "refs.jsonl"
 OFFSETS_FILE = "offsets.npy"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (POSIX; a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only checks
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def temporary_folder(prefix: str) -> Path:
+    """A new folder ``<prefix><pid>-<random>`` under TMPDIR, made after removing the folders of that
+    prefix whose process no longer runs: a run killed with SIGKILL cannot remove its own. Only on POSIX,
+    where signal 0 checks a process without touching it.
+
+    Raises:
+        OSError: the folder cannot be made (TMPDIR missing, read-only, full).
+    """
+    if os.name == "posix":
+        for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+            owner = stale.name[len(prefix) :].split("-", 1)[0]
+            if owner.isdigit() and int(owner) != os.getpid() and not _process_alive(int(owner)):
+                shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
 
 
 class RefsWriteError(OSError):
