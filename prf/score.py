@@ -66,7 +66,7 @@ from prf.score_io import (
 from prf.thresholds import METRICS, ModelThresholds, ThresholdsFile, load_thresholds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TODO_PREFIX = "prf-score-todo-"  # + pid: the list of images a run scores (plan_run), under TMPDIR
+TODO_PREFIX = "prf-score-todo-"  # + host-pid-: the list of images a run scores (plan_run), under TMPDIR
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import tempfile
@@ -101,13 +102,16 @@ def test_a_new_temporary_folder_removes_those_of_processes_that_are_gone(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()  # fmt: skip
-    stale = tmp_path / f"prf-test-{gone}-abc"  # left by a run killed with SIGKILL
-    live = tmp_path / f"prf-test-{os.getppid()}-def"  # another run, still going
+    host = socket.gethostname()
+    stale = tmp_path / f"prf-test-{host}-{gone}-abc"  # left by a run killed with SIGKILL
+    live = tmp_path / f"prf-test-{host}-{os.getppid()}-def"  # another run, still going
+    elsewhere = tmp_path / f"prf-test-other-host.example-{gone}-ghi"  # a pid of another machine
     other = tmp_path / "prf-testing-notes"  # not of this form: never touched
-    for folder in (stale, live, other):
+    for folder in (stale, live, elsewhere, other):
         (folder / "refs.jsonl").parent.mkdir()
         (folder / "refs.jsonl").write_text("[]\n")
     made = temporary_folder("prf-test-")
-    assert made.is_dir() and made.parent == tmp_path and made.name.startswith(f"prf-test-{os.getpid()}-")
-    assert not stale.exists() and live.exists() and other.exists()
+    assert made.is_dir() and made.parent == tmp_path
+    assert made.name.startswith(f"prf-test-{host}-{os.getpid()}-")
+    assert not stale.exists() and live.exists() and elsewhere.exists() and other.exists()
     assert temporary_folder("prf-test-") != made and made.exists()  # this process's own folders stay

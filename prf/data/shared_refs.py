@@ -8,16 +8,20 @@ the refs once, as JSON Lines, with an int64 offsets array beside them; a ``Share
 folder's path alone, opens the files (memory-mapped, so every process shares the page cache) on first use
 and decodes only the refs it reads (~20 us each).
 
+``temporary_folder`` makes the folder a run keeps its list in, and removes those of runs that were killed.
+
 Files in ``folder``: ``refs.jsonl`` (one JSON array per ref) and ``offsets.npy`` ((N + 1,) int64 byte
 offsets into it, loaded with ``allow_pickle=False``). Nothing is ever unpickled from them.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import mmap
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -43,19 +47,21 @@ def _process_alive(pid: int) -> bool:
 
 
 def temporary_folder(prefix: str) -> Path:
-    """A new folder ``<prefix><pid>-<random>`` under TMPDIR, made after removing the folders of that
-    prefix whose process no longer runs: a run killed with SIGKILL cannot remove its own. Only on POSIX,
-    where signal 0 checks a process without touching it.
+    """A new folder ``<prefix><host>-<pid>-<random>`` under TMPDIR, made after removing the folders of
+    that prefix made on this host by processes that no longer run: a run killed with SIGKILL cannot
+    remove its own. Only on POSIX, where signal 0 checks a process without touching it; the host name
+    keeps a TMPDIR shared between machines safe (a pid is only known on its own machine).
 
     Raises:
         OSError: the folder cannot be made (TMPDIR missing, read-only, full).
     """
+    mine = f"{prefix}{socket.gethostname()}-"
     if os.name == "posix":
-        for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-            owner = stale.name[len(prefix) :].split("-", 1)[0]
+        for stale in Path(tempfile.gettempdir()).glob(f"{glob.escape(mine)}*"):
+            owner = stale.name[len(mine) :].split("-", 1)[0]
             if owner.isdigit() and int(owner) != os.getpid() and not _process_alive(int(owner)):
                 shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    return Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-"))
 
 
 class RefsWriteError(OSError):
