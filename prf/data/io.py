@@ -173,27 +173,55 @@ def _open_checked(path: Path, max_side: int) -> Image.Image:
     return image
 
 
+def _fast_decode(path: Path, max_side: int, png_colour_type: int | None, jpeg: bool) -> np.ndarray | None:
+    """The fast paths behind one open of the file: a PNG of IHDR ``png_colour_type`` (None: no PNG) or,
+    when ``jpeg``, a JPEG. None for any other file and for any problem (the Pillow path reports it)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(26)  # PNG: signature, IHDR length and type, width, height, depth, colour
+            if png_colour_type is not None and head.startswith(_PNG_SIGNATURE):
+                return _png_pixels(head, handle, png_colour_type, max_side)
+            if jpeg and head.startswith(_JPEG_SOI):
+                return _jpeg_pixels(head + handle.read(), max_side)
+    except Exception:  # any problem: the Pillow path reports it
+        return None
+    return None
+
+
+def _png_pixels(head: bytes, handle: Any, colour_type: int, max_side: int) -> np.ndarray | None:
+    """``fast_png``'s checks and decode, given the first 26 bytes and the open file for the rest."""
+    if _spng_decode is None or len(head) < 26 or head[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    fits = 0 < width <= max_side and 0 < height <= max_side
+    if head[24] != 8 or head[25] != colour_type or not fits:
+        return None
+    pixels = _spng_decode(head + handle.read())
+    expected = (height, width) if colour_type == PNG_GREY else (height, width, 3)
+    return pixels if pixels.shape == expected and pixels.dtype == np.uint8 else None
+
+
+def _jpeg_pixels(data: bytes, max_side: int) -> np.ndarray | None:
+    """``fast_jpeg``'s checks and decode, given the whole file."""
+    frame = jpeg_frame(data)
+    if _jpeg_decode is None or frame is None or not data.endswith(_JPEG_EOI):
+        return None
+    precision, height, width, components = frame
+    fits = 0 < width <= max_side and 0 < height <= max_side
+    if precision != 8 or components not in (1, 3) or not fits:
+        return None
+    pixels = _jpeg_decode(data)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    return pixels if pixels.shape == (height, width, 3) and pixels.dtype == np.uint8 else None
+
+
 def fast_png(path: Path, colour_type: int, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray | None:
     """An 8-bit PNG of IHDR ``colour_type`` (``PNG_GREY``: (H, W), ``PNG_RGB``: (H, W, 3) uint8) decoded
     by libspng, or None for any other file and for any problem (missing, truncated, corrupt, a side
     over ``max_side``, a decoder that gives another layout): the caller then takes the Pillow path,
     which decides and names the problem. Pixels equal Pillow's (tested)."""
-    if _spng_decode is None:
-        return None
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(26)  # signature, IHDR length and type, width, height, depth, colour type
-            if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-                return None
-            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-            fits = 0 < width <= max_side and 0 < height <= max_side
-            if head[24] != 8 or head[25] != colour_type or not fits:
-                return None
-            pixels = _spng_decode(head + handle.read())
-    except Exception:  # any problem: the Pillow path reports it
-        return None
-    expected = (height, width) if colour_type == PNG_GREY else (height, width, 3)
-    return pixels if pixels.shape == expected and pixels.dtype == np.uint8 else None
+    return _fast_decode(path, max_side, colour_type, jpeg=False)
 
 
 def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
@@ -232,24 +260,7 @@ def fast_jpeg(path: Path, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray | None:
     (libjpeg fills a truncated scan with grey where Pillow refuses the file). The caller then takes the
     Pillow path, which decides and names the problem. Pixels equal Pillow's (tested); EXIF orientation is
     not applied, as on the Pillow path."""
-    if _jpeg_decode is None:
-        return None
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-        frame = jpeg_frame(data)
-        if frame is None or not data.endswith(_JPEG_EOI):
-            return None
-        precision, height, width, components = frame
-        fits = 0 < width <= max_side and 0 < height <= max_side
-        if precision != 8 or components not in (1, 3) or not fits:
-            return None
-        pixels = _jpeg_decode(data)
-    except Exception:  # any problem: the Pillow path reports it
-        return None
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-    return pixels if pixels.shape == (height, width, 3) and pixels.dtype == np.uint8 else None
+    return _fast_decode(path, max_side, None, jpeg=True)
 
 
 def _decode(path: Path, image: Image.Image) -> None:
@@ -289,9 +300,7 @@ def read_image_rgb(path: str | os.PathLike[str], max_side: int = MAX_IMAGE_SIDE)
             header that claims a side longer than ``max_side`` pixels (refused before decoding).
     """
     path = Path(path)
-    pixels = fast_png(path, PNG_RGB, max_side)
-    if pixels is None:
-        pixels = fast_jpeg(path, max_side)
+    pixels = _fast_decode(path, max_side, PNG_RGB, jpeg=True)  # one open for either fast path
     if pixels is not None:
         return pixels
     image = _open_checked(path, max_side)
