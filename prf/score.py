@@ -406,13 +406,12 @@ class RunPlan:
     provenance: dict[str, Any]
     store: PartStore
     schema: pa.Schema
-    todo: Sequence[SampleRef]  # SharedRefs (plan_run): the images still to score, in a temporary file
+    todo: SharedRefs  # the images still to score, in a temporary file (plan_run)
     total: int
 
     def release(self) -> None:
         """Remove the temporary file of images to score (once the run is over, or failed)."""
-        if isinstance(self.todo, SharedRefs):
-            self.todo.remove()
+        self.todo.remove()
 
 
 def plan_run(
