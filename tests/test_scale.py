@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_score import Env, make_env
+from test_score import Env, make_env, scratch_tmpdir
 
 import prf.score_io as score_io
 from prf.score import score
@@ -167,9 +166,7 @@ def _start_killed(env: Env, out: Path, event: int, when: str, scratch: Path) -> 
 def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    scratch = scratch_tmpdir(tmp_path, monkeypatch)  # children get it as TMPDIR too
     expected = run_whole(env, tmp_path / "whole" / "scores.parquet")
     events = 3 + N_IMAGES // 2 + 1  # run.json, the parts, merged table, keep.txt, reject.txt (minus one)
     plans = {}

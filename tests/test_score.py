@@ -73,6 +73,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     return make_env(tmp_path_factory.mktemp("score"))
 
 
+def scratch_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty folder made this process's TMPDIR, where each run's list of images to score goes
+    (prf.data.shared_refs), so a test can check what is left there."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    return scratch
+
+
 def run(env: Env, out: Path, source: Path | None = None, **kwargs) -> score_io.ScoreSummary:
     kwargs.setdefault("thresholds_path", env.loose)
     return score(source or env.batch, models=[env.a, env.b], out=out, batch_size=4, quiet=True, **kwargs)
@@ -208,9 +217,7 @@ def test_recorded_mask_area_spares_the_mask_and_equals_the_counted_one(env: Env,
 def test_killed_and_rerun_gives_the_uninterrupted_table(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scratch = tmp_path / "tmp"  # where each run's list of images to score goes (prf.data.shared_refs)
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    scratch = scratch_tmpdir(tmp_path, monkeypatch)
     whole = tmp_path / "whole" / "scores.parquet"
     run(env, whole)
     out = tmp_path / "resumed" / "scores.parquet"
@@ -261,9 +268,7 @@ def test_killed_and_rerun_gives_the_uninterrupted_table(
 def test_a_list_of_images_that_cannot_be_written_fails_before_any_model_is_loaded(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    scratch = scratch_tmpdir(tmp_path, monkeypatch)
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_score import Env, make_env
+from test_score import Env, make_env, scratch_tmpdir
 
 import prf.score as score_module
 import prf.score_io as score_io
@@ -74,9 +73,7 @@ def test_two_processes_give_exactly_the_rows_of_one(
         real_cleanup(store)
 
     monkeypatch.setattr(score_io.PartStore, "cleanup", cleanup)
-    scratch = tmp_path / "tmp"  # the list of images to score, which every process reads
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    scratch = scratch_tmpdir(tmp_path, monkeypatch)  # the list of images, which every process reads
     listed: list[Path] = []
     real_write = score_module.SharedRefs.write
 
