@@ -77,3 +77,13 @@ def test_todo_handoff_quick_measures_both_ways(tmp_path: Path) -> None:
     assert result["quick"] is True and result["refs"] == 20_000
     assert result["pickled_list"]["bytes"] > 100 * result["shared_refs"]["handle_bytes"]
     assert result["shared_refs"]["decode_all_s"] > 0 and result["pickled_list"]["load_s_per_process"] > 0
+
+
+def test_png_codec_quick_checks_and_times_both_encoders(tmp_path: Path) -> None:
+    result = run_quick("png_codec.py", tmp_path / "png.json")
+    assert result["quick"] is True
+    for kind in ("images", "masks"):
+        measured = result[kind]
+        assert measured["images"] == 16
+        assert measured["pillow"]["encode_ms"] > 0 and measured["encode_png"]["decode_ms"] > 0
+        assert 0.5 < measured["size_ratio"] < 2  # the same pixels, losslessly, in a comparable size

@@ -6,12 +6,13 @@ file, the new file, or a stray ``.<name>.<random>.tmp`` -- never a partial file 
 
 Image reading checks the header before decoding (Pillow's lazy ``Image.open`` only reads the header), so a
 file that claims to be 20000 x 20000 is refused without allocating its pixels. The common cases of scoring
-take fast paths (imagecodecs) instead: an 8-bit RGB PNG image and an 8-bit greyscale PNG mask are decoded by
-libspng (measured per 256 x 256 image in scoring's loop, 1.71 -> 1.10 ms for the image and 0.39 -> 0.24 ms
-for its mask), and an 8-bit greyscale or colour JPEG (Animal3D's images, a BATCH made with
-``image_format: jpg``) whose data ends in its end-of-image marker is decoded by libjpeg-turbo without
-Pillow's wrapping (0.68 -> 0.47 ms per 256 x 256 image). The pixels equal Pillow's (tested). Anything else,
-and any problem, takes the Pillow path, which names the problem.
+take fast paths (imagecodecs) instead. PNGs are written by ``prf.data.png.encode_png`` (Sub-filtered rows,
+libdeflate), whose files ``decode_png`` reads back in ~0.35 ms per 256 x 256 RGB image. Any other 8-bit RGB
+PNG image or greyscale PNG mask is decoded by libspng (measured per 256 x 256 image in scoring's loop,
+1.71 -> 1.10 ms for the image and 0.39 -> 0.24 ms for its mask). An 8-bit greyscale or colour JPEG
+(Animal3D's images, a BATCH made with ``image_format: jpg``) whose data ends in its end-of-image marker is
+decoded by libjpeg-turbo without Pillow's wrapping (0.68 -> 0.47 ms per 256 x 256 image). The pixels equal
+Pillow's (tested). Anything else, and any problem, takes the Pillow path, which names the problem.
 Legend: H height, W width (pixels).
 """
 
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from prf.data.png import PNG_SIGNATURE, decode_png, encode_png
+
 try:  # the fast paths only; without them every image takes the Pillow path
     from imagecodecs import jpeg8_decode as _jpeg_decode
     from imagecodecs import spng_decode as _spng_decode
@@ -35,7 +38,6 @@ except ImportError:  # pragma: no cover - imagecodecs is a dependency
 
 MAX_IMAGE_SIDE = 8192  # pixels; images whose header claims a larger side are refused undecoded
 _WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_GREY, PNG_RGB = 0, 2  # IHDR colour types of the fast path
 _JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker and the first byte of the next marker
 _JPEG_EOI = b"\xff\xd9"
@@ -133,9 +135,10 @@ def write_image(path: str | os.PathLike[str], array: np.ndarray, jpeg_quality: i
     array = _check_writable_array(path, array)
     if fmt == "JPEG" and array.ndim == 3 and array.shape[2] == 4:
         raise ValueError(f"cannot write {path}: JPEG has no alpha channel; pass (H, W, 3)")
+    if fmt == "PNG":
+        return atomic_write_bytes(path, encode_png(array))
     buffer = io.BytesIO()
-    options = {"quality": jpeg_quality} if fmt == "JPEG" else {"compress_level": 6}
-    Image.fromarray(array).save(buffer, format=fmt, **options)
+    Image.fromarray(array).save(buffer, format=fmt, quality=jpeg_quality)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -179,7 +182,7 @@ def _fast_decode(path: Path, max_side: int, png_colour_type: int | None, jpeg: b
     try:
         with open(path, "rb") as handle:
             head = handle.read(26)  # PNG: signature, IHDR length and type, width, height, depth, colour
-            if png_colour_type is not None and head.startswith(_PNG_SIGNATURE):
+            if png_colour_type is not None and head.startswith(PNG_SIGNATURE):
                 return _png_pixels(head, handle, png_colour_type, max_side)
             if jpeg and head.startswith(_JPEG_SOI):
                 return _jpeg_pixels(head + handle.read(), max_side)
@@ -196,7 +199,11 @@ def _png_pixels(head: bytes, handle: Any, colour_type: int, max_side: int) -> np
     fits = 0 < width <= max_side and 0 < height <= max_side
     if head[24] != 8 or head[25] != colour_type or not fits:
         return None
-    pixels = _spng_decode(head + handle.read())
+    data = head + handle.read()
+    ours = decode_png(data, colour_type, max_side)  # the files encode_png writes: no libspng needed
+    if ours is not None:
+        return ours
+    pixels = _spng_decode(data)
     expected = (height, width) if colour_type == PNG_GREY else (height, width, 3)
     return pixels if pixels.shape == expected and pixels.dtype == np.uint8 else None
 
