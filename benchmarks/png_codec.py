@@ -142,11 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         "images": measure(images, PNG_RGB, repeats),
         "masks": measure(masks, PNG_GREY, repeats),
     }
-    text = json.dumps(result, indent=1)
-    out = args.out or (None if args.quick else ROOT / "benchmarks" / "results" / "png_codec.json")
-    if out is not None:
-        out.write_text(text + "\n")
-    print(text)
+    print(json.dumps(result, indent=1))
+    common.write_result(result, args.out, args.quick, ROOT / "benchmarks" / "results" / "png_codec.json")
 
 
 if __name__ == "__main__":

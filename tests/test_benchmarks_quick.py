@@ -87,3 +87,16 @@ def test_png_codec_quick_checks_and_times_both_encoders(tmp_path: Path) -> None:
         assert measured["images"] == 16
         assert measured["pillow"]["encode_ms"] > 0 and measured["encode_png"]["decode_ms"] > 0
         assert 0.5 < measured["size_ratio"] < 2  # the same pixels, losslessly, in a comparable size
+
+
+def test_score_ab_quick_scores_both_batches_in_turn(tmp_path: Path) -> None:
+    from test_score import make_env
+
+    env = make_env(tmp_path / "env", n=4)  # only its two tiny checkpoints are used
+    args = ["--models", str(env.a), str(env.b), "--batch-size", "8", "--processes", "1"]
+    result = run_quick("score_ab.py", tmp_path / "ab.json", *args)
+    assert result["quick"] is True
+    assert len(result["a_images_per_s"]) == len(result["b_images_per_s"]) == 1  # --quick: one pair
+    assert result["median_speedup_b_over_a"] == pytest.approx(
+        result["b_images_per_s"][0] / result["a_images_per_s"][0]
+    )

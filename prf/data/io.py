@@ -7,7 +7,7 @@ file, the new file, or a stray ``.<name>.<random>.tmp`` -- never a partial file 
 Image reading checks the header before decoding (Pillow's lazy ``Image.open`` only reads the header), so a
 file that claims to be 20000 x 20000 is refused without allocating its pixels. The common cases of scoring
 take fast paths (imagecodecs) instead. PNGs are written by ``prf.data.png.encode_png`` (Sub-filtered rows,
-libdeflate), whose files ``decode_png`` reads back in ~0.35 ms per 256 x 256 RGB image. Any other 8-bit RGB
+libdeflate), whose files ``decode_png`` reads back in 0.51 ms per 256 x 256 RGB image. Any other 8-bit RGB
 PNG image or greyscale PNG mask is decoded by libspng (measured per 256 x 256 image in scoring's loop,
 1.71 -> 1.10 ms for the image and 0.39 -> 0.24 ms for its mask). An 8-bit greyscale or colour JPEG
 (Animal3D's images, a BATCH made with ``image_format: jpg``) whose data ends in its end-of-image marker is

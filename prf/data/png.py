@@ -1,15 +1,15 @@
 """PNG encoding, and a fast decoding path for the PNGs it writes.
 
 Why this exists: scoring decodes every image once, and on a small CPU the decode is a large part of the
-input side. Pillow's encoder tries several row filters per row ("adaptive") and compresses with zlib; its
-files need Up and Paeth unfiltering, which is sequential along each row. Measured per 256 x 256 RGB image
-of a BATCH on the 2-core development machine (benchmarks/README.md, "PNG encoding"):
+input side. Pillow's encoder picks a row filter per row ("adaptive") and compresses with zlib; its files
+need Up and Paeth unfiltering, which is sequential along each row. Measured per 256 x 256 RGB image of a
+BATCH on the 2-core development machine (benchmarks/png_codec.py, 500 images; benchmarks/README.md):
 
-- Pillow writes one in ~26 ms; libspng decodes it in 0.9-1.0 ms, of which inflating is ~0.75 ms (zlib).
+- Pillow writes one in 25.8 ms; libspng decodes it in 1.10 ms, most of it zlib's inflate.
 - ``encode_png`` filters every row with Sub (the difference to the pixel on the left) and compresses with
-  libdeflate: ~5 ms, and the files are ~2% smaller.
-- ``decode_png`` inflates with libdeflate into a buffer of the exact size (~0.16 ms) and undoes Sub with one
-  vectorised cumulative sum along the rows (~0.12 ms): ~0.35 ms in all.
+  libdeflate: 5.5 ms, and the files are 2.3% smaller.
+- ``decode_png`` inflates with libdeflate into a buffer of the exact size and undoes Sub with one compiled
+  cumulative sum along the rows (imagecodecs' delta decoder): 0.51 ms.
 
 The files are ordinary PNGs that any reader decodes. ``decode_png`` takes only files of exactly that shape:
 chunks IHDR, IDAT..., IEND and nothing else; 8-bit greyscale, RGB or RGBA; no interlacing; every row filtered
@@ -66,7 +66,7 @@ def encode_png(pixels: np.ndarray, level: int = 6) -> bytes:
     return (
         PNG_SIGNATURE
         + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", _deflate(rows.tobytes(), level))
+        + _chunk(b"IDAT", _deflate(rows, level))
         + _chunk(b"IEND", b"")
     )
 
