@@ -132,7 +132,16 @@ def test_damaged_and_unusual_files_are_declined(tmp_path: Path) -> None:
         with pytest.raises(ImageReadError) as err:
             read_image_rgb(tmp_path / name)
         assert err.value.path == tmp_path / name
-    assert decode_png(taller, PNG_RGB, MAX_SIDE) is None  # (Pillow pads the missing row with black)
+    assert decode_png(taller, PNG_RGB, MAX_SIDE) is None
+    (tmp_path / "taller.png").write_bytes(taller)  # Pillow alone would pad the missing row with black
+    with pytest.raises(ImageReadError, match="end before the last row"):
+        read_image_rgb(tmp_path / "taller.png")
+    mask = encode_png(pixels[:, :, 0])
+    header = bytearray(mask[16:29])
+    header[4:8] = (25).to_bytes(4, "big")
+    (tmp_path / "taller_mask.png").write_bytes(mask[:8] + _chunk(b"IHDR", bytes(header)) + mask[33:])
+    with pytest.raises(ImageReadError, match="end before the last row"):
+        read_label_png(tmp_path / "taller_mask.png")
     # sound files the fast path still leaves to the general one
     assert decode_png(_with_ancillary(data), PNG_RGB, MAX_SIDE) is None
     assert decode_png(data + b"\x00", PNG_RGB, MAX_SIDE) is None  # bytes after IEND (Pillow ignores them)

@@ -176,9 +176,15 @@ def _open_checked(path: Path, max_side: int) -> Image.Image:
     return image
 
 
+class _ShortPixelDataError(Exception):
+    """A PNG whose complete compressed stream holds fewer rows than its header says. Pillow would pad the
+    missing rows with black and report nothing, so the fast path names the problem itself."""
+
+
 def _fast_decode(path: Path, max_side: int, png_colour_type: int | None, jpeg: bool) -> np.ndarray | None:
     """The fast paths behind one open of the file: a PNG of IHDR ``png_colour_type`` (None: no PNG) or,
-    when ``jpeg``, a JPEG. None for any other file and for any problem (the Pillow path reports it)."""
+    when ``jpeg``, a JPEG. None for any other file and for any problem (the Pillow path reports it),
+    except a PNG pixel stream shorter than its header says (ImageReadError: Pillow would pad it)."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(26)  # PNG: signature, IHDR length and type, width, height, depth, colour
@@ -186,7 +192,9 @@ def _fast_decode(path: Path, max_side: int, png_colour_type: int | None, jpeg: b
                 return _png_pixels(head, handle, png_colour_type, max_side)
             if jpeg and head.startswith(_JPEG_SOI):
                 return _jpeg_pixels(head + handle.read(), max_side)
-    except Exception:  # any problem: the Pillow path reports it
+    except _ShortPixelDataError as err:
+        raise ImageReadError(path, f"truncated or corrupt image data ({err})") from None
+    except Exception:  # any other problem: the Pillow path reports it
         return None
     return None
 
@@ -203,7 +211,14 @@ def _png_pixels(head: bytes, handle: Any, colour_type: int, max_side: int) -> np
     ours = decode_png(data, colour_type, max_side)  # the files encode_png writes: no libspng needed
     if ours is not None:
         return ours
-    pixels = _spng_decode(data)
+    try:
+        pixels = _spng_decode(data)
+    except Exception as err:
+        if "IDAT stream too short" in str(err):  # libspng's words for that case (see _ShortPixelDataError)
+            raise _ShortPixelDataError(
+                "the compressed pixels end before the last row the header promises"
+            ) from err
+        raise
     expected = (height, width) if colour_type == PNG_GREY else (height, width, 3)
     return pixels if pixels.shape == expected and pixels.dtype == np.uint8 else None
 
@@ -225,9 +240,11 @@ def _jpeg_pixels(data: bytes, max_side: int) -> np.ndarray | None:
 
 def fast_png(path: Path, colour_type: int, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray | None:
     """An 8-bit PNG of IHDR ``colour_type`` (``PNG_GREY``: (H, W), ``PNG_RGB``: (H, W, 3) uint8) decoded
-    by libspng, or None for any other file and for any problem (missing, truncated, corrupt, a side
-    over ``max_side``, a decoder that gives another layout): the caller then takes the Pillow path,
-    which decides and names the problem. Pixels equal Pillow's (tested)."""
+    by ``prf.data.png.decode_png`` (the files this toolkit writes) or libspng, or None for any other file
+    and for any problem (missing, truncated, corrupt, a side over ``max_side``, a decoder that gives
+    another layout): the caller then takes the Pillow path, which decides and names the problem. Pixels
+    equal Pillow's (tested). One problem is raised here as ImageReadError: a complete compressed stream
+    with fewer rows than the header says, which Pillow would pad with black."""
     return _fast_decode(path, max_side, colour_type, jpeg=False)
 
 
