@@ -173,3 +173,13 @@ def test_without_imagecodecs_the_same_files_come_from_zlib_and_numpy(monkeypatch
     for data in (fast_file, slow_file):
         np.testing.assert_array_equal(decode_png(data, PNG_RGB, MAX_SIDE), pixels)
     np.testing.assert_array_equal(_pillow_pixels(slow_file), pixels)
+
+
+def test_strided_views_encode_like_their_copies() -> None:
+    rgba = np.random.default_rng(13).integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    views = {"rgb of rgba": rgba[:, :, :3], "transposed": rgba.transpose(1, 0, 2)[:, :, :3]}
+    views |= {"every other pixel": rgba[::2, ::3, :3], "grey, transposed": rgba[:, :, 0].T}
+    for name, view in views.items():
+        assert encode_png(view) == encode_png(np.ascontiguousarray(view)), name
+        colour_type = PNG_RGB if view.ndim == 3 else PNG_GREY
+        np.testing.assert_array_equal(decode_png(encode_png(view), colour_type, MAX_SIDE), view, err_msg=name)
