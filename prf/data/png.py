@@ -56,7 +56,7 @@ def encode_png(pixels: np.ndarray, level: int = 6) -> bytes:
         raise ValueError(f"encode_png needs 1, 3 or 4 channels and a non-empty image, got {pixels.shape}")
     rows = np.empty((height, width * channels + 1), dtype=np.uint8)
     rows[:, 0] = FILTER_SUB
-    filtered = rows[:, 1:].reshape(height, width, channels)
+    filtered = rows[:, 1:].reshape(height, width, channels)  # a view into rows: only the last axis splits
     source = pixels.reshape(height, width, channels)
     filtered[:, 0] = source[:, 0]
     np.subtract(source[:, 1:], source[:, :-1], out=filtered[:, 1:])  # uint8: wraps modulo 256, as PNG wants
