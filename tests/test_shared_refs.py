@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 
 from prf.data.animal3d import SampleRef
-from prf.data.shared_refs import OFFSETS_FILE, SharedRefs, decode_ref, encode_ref, temporary_folder
+from prf.data.shared_refs import (
+    OFFSETS_FILE,
+    OWNER_LOCK,
+    SharedRefs,
+    decode_ref,
+    encode_ref,
+    release_folder,
+    temporary_folder,
+)
 
 
 def sample_refs(count: int) -> list[SampleRef]:
@@ -95,7 +103,7 @@ def test_a_ref_json_cannot_carry_is_refused_when_written(tmp_path: Path) -> None
         SharedRefs.write([bad], tmp_path / "refs")
 
 
-@pytest.mark.skipif(os.name != "posix", reason="stale folders are found by pid only on POSIX")
+@pytest.mark.skipif(os.name != "posix", reason="stale folders are found only on POSIX")
 def test_a_new_temporary_folder_removes_those_of_processes_that_are_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -115,3 +123,45 @@ def test_a_new_temporary_folder_removes_those_of_processes_that_are_gone(
     assert made.name.startswith(f"prf-test-{host}-{os.getpid()}-")
     assert not stale.exists() and live.exists() and elsewhere.exists() and other.exists()
     assert temporary_folder("prf-test-") != made and made.exists()  # this process's own folders stay
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+descriptor = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="stale folders are found only on POSIX")
+def test_the_owner_lock_decides_over_the_pid_in_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pid in a folder's name can mislead: another pid namespace on the same host (the pid looks gone
+    while its run goes on), or a pid reused by an unrelated process (it looks alive while its run is gone).
+    The owner's lock is what counts."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    host = socket.gethostname()
+    elsewhere = tmp_path / f"prf-test-{host}-{gone}-abc"  # a live run of another pid namespace
+    reused = tmp_path / f"prf-test-{host}-{os.getppid()}-def"  # a dead run whose pid is in use again
+    for folder in (elsewhere, reused):
+        folder.mkdir()
+    (reused / OWNER_LOCK).write_text("")  # its owner's lock went with its process
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(elsewhere / OWNER_LOCK)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        made = temporary_folder("prf-test-")
+        assert elsewhere.exists() and not reused.exists()
+        assert (made / OWNER_LOCK).is_file() and not [p for p in made.iterdir() if p.name != OWNER_LOCK]
+        assert temporary_folder("prf-test-") != made and made.exists()  # locked by this process: kept
+    finally:
+        holder.kill()
+        holder.wait()
+    temporary_folder("prf-test-")  # the other namespace's run is gone now: its lock went with it
+    assert not elsewhere.exists() and made.exists()
+    release_folder(made)
+    assert not made.exists()

@@ -9,6 +9,9 @@ folder's path alone, opens the files (memory-mapped, so every process shares the
 and decodes only the refs it reads (~20 us each).
 
 ``temporary_folder`` makes the folder a run keeps its list in, and removes those of runs that were killed.
+A run holds an exclusive ``flock`` on the folder's ``owner.lock`` for as long as it lives (forked processes
+share it), so a folder whose lock can be taken belongs to a run that is gone: the kernel drops the lock of
+a killed process, whichever pid namespace it ran in and whatever pid it had.
 
 Files in ``folder``: ``refs.jsonl`` (one JSON array per ref) and ``offsets.npy`` ((N + 1,) int64 byte
 offsets into it, loaded with ``allow_pickle=False``). Nothing is ever unpickled from them.
@@ -31,8 +34,17 @@ import numpy as np
 
 from prf.data.animal3d import SampleRef
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locks, and no clean-up of killed runs' folders
+    fcntl = None  # type: ignore[assignment]
+
 REFS_FILE = "refs.jsonl"
 OFFSETS_FILE = "offsets.npy"
+OWNER_LOCK = "owner.lock"
+_held_locks: dict[
+    Path, int
+] = {}  # folder -> descriptor of its locked owner.lock, in the process that made it
 
 
 def _process_alive(pid: int) -> bool:
@@ -46,22 +58,67 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _owner_gone(folder: Path, pid: int) -> bool:
+    """Whether the run that made ``folder`` (named with ``pid``) no longer runs: its ``owner.lock`` can be
+    locked, or, for a folder without one (made by an older version, or in the instant before its owner
+    locked it), no process ``pid`` exists."""
+    try:
+        descriptor = os.open(folder / OWNER_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return pid != os.getpid() and not _process_alive(pid)
+    except OSError:
+        return False  # unreadable: not ours to judge
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: its run is alive (this process's own folders included)
+    finally:
+        os.close(descriptor)  # closing drops the lock if it was taken
+    return True
+
+
+def _lock_owner(folder: Path) -> None:
+    """Take ``folder``'s lock for this process; the lock file appears under its name already locked, so no
+    other run can find it unlocked in between."""
+    descriptor, name = tempfile.mkstemp(prefix=f".{OWNER_LOCK}.", dir=folder)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    os.replace(name, folder / OWNER_LOCK)
+    _held_locks[folder] = descriptor
+
+
+def release_folder(folder: str | os.PathLike[str]) -> None:
+    """Delete a folder made by ``temporary_folder`` and drop its lock."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    descriptor = _held_locks.pop(folder, None)
+    if descriptor is not None:
+        os.close(descriptor)
+
+
 def temporary_folder(prefix: str) -> Path:
-    """A new folder ``<prefix><host>-<pid>-<random>`` under TMPDIR, made after removing the folders of
-    that prefix made on this host by processes that no longer run: a run killed with SIGKILL cannot
-    remove its own. Only on POSIX, where signal 0 checks a process without touching it; the host name
-    keeps a TMPDIR shared between machines safe (a pid is only known on its own machine).
+    """A new folder ``<prefix><host>-<pid>-<random>`` under TMPDIR, locked by this process (module
+    docstring), made after removing the folders of that prefix made on this host by runs that are gone:
+    a run killed with SIGKILL cannot remove its own. Only on POSIX (``flock``, and signal 0 for folders
+    without a lock file). Folders of other hosts are never touched: on a TMPDIR shared between machines a
+    network file system's locks need not reach across them. Remove the folder with ``release_folder``.
 
     Raises:
         OSError: the folder cannot be made (TMPDIR missing, read-only, full).
     """
     mine = f"{prefix}{socket.gethostname()}-"
-    if os.name == "posix":
-        for stale in Path(tempfile.gettempdir()).glob(f"{glob.escape(mine)}*"):
-            owner = stale.name[len(mine) :].split("-", 1)[0]
-            if owner.isdigit() and int(owner) != os.getpid() and not _process_alive(int(owner)):
-                shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-"))
+    folder = Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-"))
+    if fcntl is None or os.name != "posix":
+        return folder
+    try:
+        _lock_owner(folder)
+    except OSError:
+        release_folder(folder)
+        raise
+    for stale in Path(tempfile.gettempdir()).glob(f"{glob.escape(mine)}*"):
+        owner = stale.name[len(mine) :].split("-", 1)[0]
+        if stale != folder and owner.isdigit() and _owner_gone(stale, int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return folder
 
 
 class RefsWriteError(OSError):
@@ -199,7 +256,7 @@ class SharedRefs(Sequence[SampleRef]):
     def remove(self) -> None:
         """Unmap and delete the folder with its files (the list is gone for every process)."""
         self.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        release_folder(self.folder)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"folder": self.folder}  # the files are opened again in the receiving process
