@@ -282,6 +282,21 @@ def test_reader_errors_name_the_path(tmp_path: Path) -> None:
     assert info.value.path == root / "annotations" / "img000.json" and info.value.field is not None
 
 
+def test_manifest_paths_must_stay_inside_the_batch(tmp_path: Path) -> None:
+    root = tmp_path / "batch"
+    make_batch(root, seeds=(0,))
+    reader = BatchReader(root)
+    assert reader.resolve("img000", "images/img000.png") == root / "images" / "img000.png"
+    assert reader.resolve("img000", "./images//img000.png") == root / "images" / "img000.png"
+    for escaping in ("/etc/passwd", "../other/img000.png", "images/../../img000.png", ".."):
+        with pytest.raises(NotABatchError, match=r"leaves the batch folder") as info:
+            reader.resolve("img000", escaping)
+        assert str(root) in str(info.value) and "img000" in str(info.value)
+    for missing in ("", None, float("nan")):
+        with pytest.raises(NotABatchError, match="is not a path"):
+            reader.resolve("img000", missing)  # type: ignore[arg-type]
+
+
 def test_detect_input_and_iter_samples_on_all_kinds(tmp_path: Path) -> None:
     root = tmp_path / "batch"
     make_batch(root)
@@ -536,3 +551,28 @@ def test_corrupt_png_data_is_an_error_not_garbage(tmp_path: Path) -> None:
     assert fast_png(path, PNG_RGB) is None
     with pytest.raises(ImageReadError, match="truncated or corrupt"):
         read_image_rgb(path)
+
+
+def test_manifest_records_equal_pandas_records() -> None:
+    frame = pd.DataFrame(
+        {
+            "image_id": pd.array(["a", "b", None], dtype="string"),  # NA-backed strings: None, as pandas
+            "category_id": pd.array([1, None, 3], dtype="Int64"),
+            "category": pd.array(["x", None, "z"], dtype=pd.StringDtype(na_value=np.nan)),  # NaN-backed
+            "seed": np.array([1, 2, 3], dtype=np.int64),
+            "failure_effect": [0.5, float("nan"), 1.0],
+            "flag": [True, False, True],
+            "extra": [[1, 2], None, {"k": np.int64(3)}],
+        }
+    )
+    ours = inputs._records(frame)
+    theirs = frame.to_dict("records")
+    assert len(ours) == len(theirs) == 3
+    for mine, pandas_row in zip(ours, theirs, strict=True):
+        assert list(mine) == list(pandas_row)
+        for key, value in pandas_row.items():
+            if isinstance(value, float) and np.isnan(value):
+                assert np.isnan(mine[key]), key
+            else:
+                assert mine[key] == value and type(mine[key]) is type(value), key
+    assert inputs._records(frame.iloc[:0]) == []

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from prf.data.animal3d import (
     SampleRef,
@@ -54,6 +56,7 @@ def detect_input(path: str | os.PathLike[str]) -> str:
 
 
 _MANIFEST_CHUNK = 4096
+_NOT_EXTRA = frozenset(("image_id", *PATH_COLUMNS))  # manifest columns a SampleRef holds elsewhere
 
 
 def iter_batch_samples(root: str | os.PathLike[str]) -> Iterator[SampleRef]:
@@ -63,15 +66,31 @@ def iter_batch_samples(root: str | os.PathLike[str]) -> Iterator[SampleRef]:
     for start in range(0, len(manifest), _MANIFEST_CHUNK):
         # chunked: converting a million-row manifest to dicts at once costs seconds and memory, and a
         # ``--limit`` run stops after its first chunk
-        rows = manifest.iloc[start : start + _MANIFEST_CHUNK].to_dict("records")
-        yield from _batch_refs(reader, rows, start)
+        yield from _batch_refs(reader, _records(manifest.iloc[start : start + _MANIFEST_CHUNK]), start)
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """``frame.to_dict("records")``, the same values, 4-6x faster: one ``tolist`` per column instead of
+    boxing cell by cell (12 against 50 ms for 4096 rows of a BATCH manifest)."""
+    columns = list(frame.columns)
+    cells = zip(*(_column_values(frame[column]) for column in columns), strict=True)  # one tuple per row
+    return [dict(zip(columns, row, strict=True)) for row in cells]
+
+
+def _column_values(column: pd.Series) -> list[Any]:
+    """A column's values as Python objects; pandas' NA of nullable dtypes becomes None, as in to_dict."""
+    values = column.tolist()
+    if getattr(column.dtype, "na_value", None) is pd.NA:
+        return [None if value is pd.NA else value for value in values]
+    return values
 
 
 def _batch_refs(reader: BatchReader, rows: list[dict], start: int) -> Iterator[SampleRef]:
     for index, row in enumerate(rows, start):
         image_id = row["image_id"]
-        extra = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
-        extra = {k: v for k, v in extra.items() if k not in ("image_id", *PATH_COLUMNS)}
+        extra = {
+            k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items() if k not in _NOT_EXTRA
+        }
         yield SampleRef(
             image_id,
             reader.resolve(image_id, row["image"]),  # from the row: a lookup per image is slow at scale
