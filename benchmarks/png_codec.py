@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,10 +35,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
+from benchmarks.filter_quality import generate_batch  # noqa: E402
 from prf.data.batch import BatchReader  # noqa: E402
+from prf.data.io import PNG_GREY, PNG_RGB  # noqa: E402
 from prf.data.png import decode_png, encode_png  # noqa: E402
 
-PNG_GREY, PNG_RGB = 0, 2
+QUICK_SEED = 40_002  # disjoint from every training and benchmark seed (benchmarks/README.md)
 
 
 def pillow_png(pixels: np.ndarray) -> bytes:
@@ -125,14 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         batch = args.batch
         if args.quick:
             batch = Path(scratch) / "batch"
-            generate = ["generate", str(batch), "--n", "16", "--image-size", "64", "--seed", "5"]
-            command = [
-                sys.executable,
-                "-c",
-                "import sys; from prf.cli import app; app(sys.argv[1:])",
-                *generate,
-            ]
-            subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+            generate_batch(batch, seed=QUICK_SEED, n=16, image_size=64, inject=0.0)
         images, masks = load(batch, 16 if args.quick else args.images)
     repeats = 1 if args.quick else args.repeats
     result = {

@@ -42,9 +42,8 @@ except ImportError:  # pragma: no cover - not POSIX: no locks, and no clean-up o
 REFS_FILE = "refs.jsonl"
 OFFSETS_FILE = "offsets.npy"
 OWNER_LOCK = "owner.lock"
-_held_locks: dict[
-    Path, int
-] = {}  # folder -> descriptor of its locked owner.lock, in the process that made it
+# folder -> descriptor of its locked owner.lock, in the process that made the folder
+_held_locks: dict[Path, int] = {}
 
 
 def _process_alive(pid: int) -> bool:
