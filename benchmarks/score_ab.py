@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import common  # noqa: E402
 from benchmarks.filter_quality import generate_batch  # noqa: E402
-from benchmarks.score_throughput import DEFAULT_MODELS, end_to_end_seconds  # noqa: E402
+from benchmarks.score_throughput import DEFAULT_MODELS, THRESHOLDS, end_to_end_seconds  # noqa: E402
 
 QUICK_IMAGES = 32
 QUICK_SEED = 40_001  # disjoint from every training and benchmark seed (benchmarks/README.md)
@@ -68,22 +68,27 @@ def run_pairs(
 
 
 def input_side_ms(batches: tuple[Path, Path], models: list[Path], images: int, rounds: int) -> dict[str, Any]:
-    """Per-image ms of scoring's input side (``prf.score_data.load_item``: annotation, decode, crops for
-    both models) on the first ``images`` images of each BATCH, one process and one thread, no models run;
-    ``rounds`` rounds alternating which BATCH goes first."""
+    """Per-image ms of scoring's input side (``prf.score_data.load_item``: annotation, decode, the crops
+    the models need, as ``prf score`` makes them) on the first ``images`` images of each BATCH, one
+    process and one thread, no models run; ``rounds`` rounds alternating which BATCH goes first."""
+    import itertools
     import time
 
     import torch
 
     from prf.data.inputs import iter_samples
-    from prf.predictor import Predictor
-    from prf.score_data import CropSpec, load_item
+    from prf.score import load_models, resolve_checkpoints
+    from prf.score_data import load_item
+    from prf.thresholds import load_thresholds
 
     torch.set_num_threads(1)
-    predictors = [Predictor.from_checkpoint(m) for m in models]
-    specs = [CropSpec(p.input_size, p.crop_scale, p.mean, p.std) for p in predictors]
-    num_joints = predictors[0].body.num_joints
-    refs = [list(iter_samples(batch))[:images] for batch in batches]
+    thresholds = load_thresholds(THRESHOLDS)
+    # the crops scoring makes: one per distinct crop spec of the models, not one per model
+    scoring, specs = load_models(
+        thresholds, resolve_checkpoints(thresholds, models), torch.device("cpu"), None
+    )
+    num_joints = scoring[0].predictor.body.num_joints
+    refs = [list(itertools.islice(iter_samples(batch), images)) for batch in batches]
     times: dict[str, list[float]] = {"a": [], "b": []}
     for round_index in range(rounds):
         order = (0, 1) if round_index % 2 == 0 else (1, 0)
