@@ -40,7 +40,7 @@ from prf.checkpoint import sha256_file
 from prf.cpu import usable_cores
 from prf.data.animal3d import SampleRef
 from prf.data.inputs import detect_input, iter_samples
-from prf.data.shared_refs import RefsWriteError, SharedRefs, temporary_folder
+from prf.data.shared_refs import RefsWriteError, SharedRefs, release_folder, temporary_folder
 from prf.data.transforms import from_normalised, normalise_batch
 from prf.models.heads import RegressorOutput
 from prf.models.inference import image_keypoints, run_regressor
@@ -463,10 +463,10 @@ def plan_run(
     try:
         todo = SharedRefs.write(still_to_score(), folder)
     except RefsWriteError as err:
-        SharedRefs(folder).remove()
+        release_folder(folder)
         raise RefsWriteError(f"{err} ({hint})") from err
     except BaseException:  # the input's own errors, Ctrl-C: nothing left behind
-        SharedRefs(folder).remove()
+        release_folder(folder)
         raise
     out.parent.mkdir(parents=True, exist_ok=True)
     schema = scores_schema(thresholds.config.model_names())
