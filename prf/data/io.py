@@ -201,7 +201,7 @@ def _fast_decode(path: Path, max_side: int, png_colour_type: int | None, jpeg: b
 
 def _png_pixels(head: bytes, handle: Any, colour_type: int, max_side: int) -> np.ndarray | None:
     """``fast_png``'s checks and decode, given the first 26 bytes and the open file for the rest."""
-    if _spng_decode is None or len(head) < 26 or head[12:16] != b"IHDR":
+    if len(head) < 26 or head[12:16] != b"IHDR":
         return None
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     fits = 0 < width <= max_side and 0 < height <= max_side
@@ -209,7 +209,7 @@ def _png_pixels(head: bytes, handle: Any, colour_type: int, max_side: int) -> np
         return None
     data = head + handle.read()
     ours = decode_png(data, colour_type, max_side)  # the files encode_png writes: no libspng needed
-    if ours is not None:
+    if ours is not None or _spng_decode is None:
         return ours
     try:
         pixels = _spng_decode(data)
