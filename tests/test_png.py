@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_batch import chunk
 
 from prf.data import png
 from prf.data.io import PNG_GREY, PNG_RGB, ImageReadError, fast_png, read_image_rgb, read_label_png, write_png
@@ -24,17 +25,13 @@ def _pillow_pixels(data: bytes) -> np.ndarray:
         return np.asarray(image)
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
-
-
 def _png_from_rows(width: int, height: int, colour_type: int, rows: bytes, idat_parts: int = 1) -> bytes:
     """A PNG around already-filtered rows (filter byte first in each), the stream split over IDAT chunks."""
     stream = zlib.compress(rows)
     cuts = np.linspace(0, len(stream), idat_parts + 1).astype(int)
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, colour_type, 0, 0, 0])
-    idats = b"".join(_chunk(b"IDAT", stream[a:b]) for a, b in itertools.pairwise(cuts))
-    return PNG_SIGNATURE + _chunk(b"IHDR", header) + idats + _chunk(b"IEND", b"")
+    idats = b"".join(chunk(b"IDAT", stream[a:b]) for a, b in itertools.pairwise(cuts))
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + idats + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("shape", [(37, 53), (1, 9), (9, 1), (37, 53, 3), (1, 1, 3), (20, 31, 4)])
@@ -105,7 +102,7 @@ def test_rows_mixing_none_and_sub_decode_and_other_filters_are_declined() -> Non
 
 def _with_ancillary(data: bytes) -> bytes:
     end = data.index(b"IEND") - 4
-    return data[:end] + _chunk(b"tEXt", b"Comment\x00hello") + data[end:]
+    return data[:end] + chunk(b"tEXt", b"Comment\x00hello") + data[end:]
 
 
 def test_damaged_and_unusual_files_are_declined(tmp_path: Path) -> None:
@@ -117,10 +114,10 @@ def test_damaged_and_unusual_files_are_declined(tmp_path: Path) -> None:
     idat_length = int.from_bytes(data[idat - 4 : idat], "big")
     body = bytearray(data[idat + 4 : idat + 4 + idat_length])
     body[-6] ^= 0x01  # near the end of the stream, CRC recomputed: inflate or the zlib checksum must notice
-    recrc = data[: idat - 4] + _chunk(b"IDAT", bytes(body)) + data[idat + 8 + idat_length :]
+    recrc = data[: idat - 4] + chunk(b"IDAT", bytes(body)) + data[idat + 8 + idat_length :]
     header = bytearray(data[16:29])  # IHDR body: width, height, depth, colour, methods
     header[4:8] = (25).to_bytes(4, "big")  # one row more than the stream holds
-    taller = data[:8] + _chunk(b"IHDR", bytes(header)) + data[33:]
+    taller = data[:8] + chunk(b"IHDR", bytes(header)) + data[33:]
     cases = {
         "flipped.png": bytes(flipped),
         "recrc.png": recrc,
@@ -139,7 +136,7 @@ def test_damaged_and_unusual_files_are_declined(tmp_path: Path) -> None:
     mask = encode_png(pixels[:, :, 0])
     header = bytearray(mask[16:29])
     header[4:8] = (25).to_bytes(4, "big")
-    (tmp_path / "taller_mask.png").write_bytes(mask[:8] + _chunk(b"IHDR", bytes(header)) + mask[33:])
+    (tmp_path / "taller_mask.png").write_bytes(mask[:8] + chunk(b"IHDR", bytes(header)) + mask[33:])
     with pytest.raises(ImageReadError, match="end before the last row"):
         read_label_png(tmp_path / "taller_mask.png")
     # sound files the fast path still leaves to the general one

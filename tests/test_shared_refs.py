@@ -103,13 +103,18 @@ def test_a_ref_json_cannot_carry_is_refused_when_written(tmp_path: Path) -> None
         SharedRefs.write([bad], tmp_path / "refs")
 
 
+def finished_pid() -> str:
+    """The pid of a process that has already exited."""
+    command = [sys.executable, "-c", "import os; print(os.getpid())"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+
 @pytest.mark.skipif(os.name != "posix", reason="stale folders are found only on POSIX")
 def test_a_new_temporary_folder_removes_those_of_processes_that_are_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()  # fmt: skip
+    gone = finished_pid()
     host = socket.gethostname()
     stale = tmp_path / f"prf-test-{host}-{gone}-abc"  # left by a run killed with SIGKILL
     live = tmp_path / f"prf-test-{host}-{os.getppid()}-def"  # another run, still going
@@ -142,8 +147,7 @@ def test_the_owner_lock_decides_over_the_pid_in_the_name(
     while its run goes on), or a pid reused by an unrelated process (it looks alive while its run is gone).
     The owner's lock is what counts."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()  # fmt: skip
+    gone = finished_pid()
     host = socket.gethostname()
     elsewhere = tmp_path / f"prf-test-{host}-{gone}-abc"  # a live run of another pid namespace
     reused = tmp_path / f"prf-test-{host}-{os.getppid()}-def"  # a dead run whose pid is in use again
