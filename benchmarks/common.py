@@ -39,6 +39,7 @@ SCORE_SUFFIXES: dict[str, tuple[bool, str]] = {
     "_s_mpjpe": (True, "mm"),
     "_pck": (False, "%"),
     "_max_kp_error": (True, "sqrt(mask area)"),
+    "_max_rel_kp_error": (True, "x the keypoint's scale"),
     "_ce": (True, "nats"),
     "_ce_azimuth": (True, "nats"),
     "_ce_elevation": (True, "nats"),

@@ -59,7 +59,7 @@ QUICK_SETTINGS = {"n": 24, "image_size": 64}
 INJECT_FAILURES = 0.5
 QUICK_KCF = {"folds": 2, "trainer.max_epochs": 1, "model.input_size": 64, "batch_size": 8}
 DEFAULT_MIN_EFFECT = 0.15
-PRF_METRICS = ("pa_mpjpe", "s_mpjpe", "pck", "max_kp_error")
+PRF_METRICS = ("pa_mpjpe", "s_mpjpe", "pck", "max_kp_error", "max_rel_kp_error")
 KCF_METRICS = ("kcf_ce", "kcf_geodesic")
 ARTICULATION = ("leg_articulation", "leg_swap", "leg_length", "head_turn", "missing_limb")
 
@@ -184,7 +184,12 @@ def build_runs(
         names = [c[: -len("_keep")] for c in prf.columns if c.endswith("_keep") and c != "keep"]
         indexed = prf.set_index("image_id")
         for name in names:
-            scores = {f"{name}_{m}": indexed[f"{name}_{m}"] for m in PRF_METRICS if f"{name}_{m}" in indexed}
+            # a metric the thresholds file does not compute (max_rel_kp_error without scales) is all NaN
+            scores = {
+                f"{name}_{m}": indexed[f"{name}_{m}"]
+                for m in PRF_METRICS
+                if f"{name}_{m}" in indexed and indexed[f"{name}_{m}"].notna().any()
+            }
             keep = common.keep_verdicts(prf, (f"{name}_keep",))
             runs.append(FilterRun(f"prf_{name}", keep, scores, prf_seconds, "one run scores every model"))
         if len(names) > 1:

@@ -33,6 +33,9 @@ step "data: heldout_failures" prf generate "$work/heldout_failures" --n 300 --se
   --inject-failures 1.0
 step "data: calibration" prf generate "$work/calibration" --n 1200 --seed 300 --image-size 128 \
   --inject-failures 0.5
+# validation: where the metric set of step 4 was chosen (checkpoints/MANIFEST); not needed to reproduce it
+step "data: validation" prf generate "$work/validation" --n 1200 --seed 301 --image-size 128 \
+  --inject-failures 0.5
 
 # 2. model A (synthetic only) and model B (pretrain on synthetic, then finetune on the stand-in set);
 #    the packaged configs prf/configs/train_default_*.yaml hold every setting.
@@ -60,10 +63,11 @@ prf evaluate checkpoints/prf_model_a.pt "$work/heldout_faithful" --rows faithful
 
 # 4. thresholds for the default checkpoints: score the calibration batch, pick the thresholds with the best
 #    Matthews correlation (on a batch that is half failures, best F1 prefers rejecting most faithful images)
+#    over the metrics that carried over best to the validation batch (checkpoints/MANIFEST)
 step "score: calibration" prf score "$work/calibration" --thresholds examples/thresholds-paper.yaml \
   --models checkpoints/prf_model_a.pt --models checkpoints/prf_model_b.pt --out "$work/calibration_scores/scores.parquet"
 prf calibrate "$work/calibration_scores/scores.parquet" --labels "$work/calibration" --out thresholds.yaml \
-  --objective mcc --metric pa_mpjpe --metric s_mpjpe --metric pck --metric max_kp_error \
+  --objective mcc --metric pa_mpjpe --metric s_mpjpe --metric pck --metric max_rel_kp_error \
   --plot "$work/calibration_roc.png"
 # name each model's checkpoint in the file (paths relative to it), as in the shipped thresholds.yaml
 python - <<'EOF'

@@ -29,6 +29,12 @@ threshold already rejects the failures it sees lets the others add theirs.) Obje
 
 The combine rule (all / any), the PCK alpha and normalisation are those the SCORES file was made with, so
 the written thresholds mean the same thing as the columns they were chosen on.
+
+``max_rel_kp_error`` (prf.thresholds.RelativeKeypointErrorThreshold) is computed here, not read from the
+SCORES column: its per-keypoint scales are measured first, as each keypoint's median error (the SCORES'
+``<M>_keypoint_errors``) over the labelled FAITHFUL images, then every image's largest scaled error is
+searched like any other metric, and the scales are written next to the chosen maximum. A keypoint seen on
+fewer than ``MIN_SCALE_IMAGES`` faithful images takes the median of the other keypoints' scales.
 """
 
 from __future__ import annotations
@@ -46,11 +52,21 @@ import pyarrow.parquet as pq
 
 from prf.data.io import atomic_write_bytes
 from prf.score_io import now_iso, read_provenance, read_thresholds_of
-from prf.thresholds import METRICS, ModelThresholds, PCKThreshold, ThresholdsConfig, dump_thresholds
+from prf.thresholds import (
+    METRICS,
+    NUM_KEYPOINTS,
+    ModelThresholds,
+    PCKThreshold,
+    RelativeKeypointErrorThreshold,
+    ThresholdsConfig,
+    dump_thresholds,
+)
 
 DEFAULT_METRICS = ("pa_mpjpe", "s_mpjpe", "pck")
 MAX_CANDIDATES = 256
 MAX_SWEEPS = 12
+MIN_SCALE_IMAGES = 20  # faithful images that must show a keypoint for its own scale (module docstring)
+RELATIVE = "max_rel_kp_error"
 OBJECTIVES = {"f1": "best F1 of rejects", "mcc": "best Matthews correlation of rejects with failures"}
 _TRUE = {"1", "keep", "true", "yes", "kept", "ok"}
 _FALSE = {"0", "reject", "false", "no", "rejected", "failure"}
@@ -295,11 +311,57 @@ def _curve(bad: np.ndarray, failure: np.ndarray) -> Curve | None:
 
 
 def _load_table(scores: Path, names: list[str], metrics: list[str]) -> pd.DataFrame:
-    columns = ["image_id", "status"] + [f"{n}_{m}" for n in names for m in metrics]
+    columns = ["image_id", "status"]
+    for name in names:
+        columns += [f"{name}_{m}" if m != RELATIVE else f"{name}_keypoint_errors" for m in metrics]
     missing = [c for c in columns if c not in pq.read_schema(scores).names]
     if missing:
-        raise ValueError(f"{scores} lacks the columns {missing}; was it written by prf score?")
+        hint = (
+            " (a prf older than --metric max_rel_kp_error wrote no per-keypoint errors: score again)"
+            if any(c.endswith("_keypoint_errors") for c in missing)
+            else "; was it written by prf score?"
+        )
+        raise ValueError(f"{scores} lacks the columns {missing}{hint}")
     return pq.read_table(scores, columns=columns).to_pandas()
+
+
+def keypoint_error_scales(errors: np.ndarray, faithful: np.ndarray) -> np.ndarray:
+    """(N, K) per-keypoint errors (NaN = not visible or undefined), (N,) bool -> (K,) scales: each
+    keypoint's median error over the faithful images (module docstring for rarely seen keypoints)."""
+    good = errors[faithful]
+    seen = np.isfinite(good).sum(axis=0)
+    if not (seen >= MIN_SCALE_IMAGES).any():
+        raise ValueError(
+            f"cannot measure keypoint error scales: no keypoint is visible on {MIN_SCALE_IMAGES} or more "
+            f"faithful labelled images ({int(faithful.sum())} faithful images)"
+        )
+    enough = seen >= MIN_SCALE_IMAGES
+    medians = np.array([np.median(column[np.isfinite(column)]) if ok else np.nan
+                        for column, ok in zip(good.T, enough, strict=True)])  # fmt: skip
+    scales = np.where(enough, medians, np.median(medians[enough]))
+    # an exact zero (a perfect keypoint on every image) would make every error infinitely large; four
+    # significant digits are what the thresholds file shows, so the limit is chosen on the written scales
+    return np.array([float(f"{v:.4g}") for v in np.maximum(scales, 1e-6)])
+
+
+def _errors_matrix(column: pd.Series, width: int) -> np.ndarray:
+    """A SCORES list column (N rows of ``width`` floats, or null) -> (N, width) float64, null rows NaN."""
+    rows = [np.asarray(v, dtype=float) if v is not None else np.full(width, np.nan) for v in column]
+    matrix = np.stack(rows) if rows else np.zeros((0, width))
+    if matrix.shape[1:] != (width,):
+        raise ValueError(f"{column.name}: expected {width} values per row, got shape {matrix.shape}")
+    return matrix
+
+
+def relative_errors(errors: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(N, K) errors, (K,) scales -> (N,) largest scaled error per image, NaN where none is defined."""
+    scaled = errors / scales[None, :]
+    with np.errstate(all="ignore"):
+        return np.where(
+            np.isfinite(scaled).any(axis=1),
+            np.nanmax(np.where(np.isfinite(scaled), scaled, -np.inf), axis=1),
+            np.nan,
+        )
 
 
 def calibrate(
@@ -319,7 +381,8 @@ def calibrate(
         target_precision: None for the objective alone, else the share of kept images that must be
             faithful (0-1).
         out: thresholds.yaml to write (atomically); plot: PNG (default ``<out stem>.roc.png``).
-        metrics: which metrics get thresholds (column suffixes: pa_mpjpe, s_mpjpe, pck, max_kp_error).
+        metrics: which metrics get thresholds (column suffixes: pa_mpjpe, s_mpjpe, pck, max_kp_error,
+            max_rel_kp_error).
         objective: "f1" or "mcc" (module docstring); the start for ``target_precision``.
     """
     scores, out = Path(scores), Path(out)
@@ -344,7 +407,16 @@ def calibrate(
             f"need labelled scored images of both kinds; found {int(failure.sum())} failures and "
             f"{int((~failure).sum())} faithful among {len(table)} scored images with a label"
         )
-    bad = {(n, m): _badness(table[f"{n}_{m}"].to_numpy(dtype=float), m) for n in names for m in metrics}
+    scales: dict[str, np.ndarray] = {}
+    bad = {}
+    for name in names:
+        for m in metrics:
+            if m == RELATIVE:
+                errors = _errors_matrix(table[f"{name}_keypoint_errors"], NUM_KEYPOINTS)
+                scales[name] = keypoint_error_scales(errors, ~failure)
+                bad[(name, m)] = relative_errors(errors, scales[name])
+            else:
+                bad[(name, m)] = _badness(table[f"{name}_{m}"].to_numpy(dtype=float), m)
     search = _Search(bad, failure, source.combine)
     search.run_multistart(lambda q: list(zip(q[objective], q["kept"] > 0, q["kept"], strict=True)))
     described = OBJECTIVES[objective]
@@ -358,7 +430,7 @@ def calibrate(
         )
         described = f"kept images >= {goal:g} faithful"
     search.give_every_model_a_threshold()
-    config = _to_config(search, source, list(metrics))
+    config = _to_config(search, source, list(metrics), scales)
     keep = search.keep()
     final = {k: float(v[0]) for k, v in _quality(keep[:, None], failure).items()}
     result = CalibrationResult(
@@ -409,7 +481,11 @@ def _round_between(limit: float, next_limit: float) -> float:
     return limit
 
 
-def _to_config(search: _Search, source: ThresholdsConfig, metrics: list[str]) -> ThresholdsConfig:
+def _to_config(
+    search: _Search, source: ThresholdsConfig, metrics: list[str], scales: dict[str, np.ndarray]
+) -> ThresholdsConfig:
+    """The chosen limits as a config (rounded between observed values; ``scales``: model -> the keypoint
+    error scales measured for ``max_rel_kp_error``, written with its maximum)."""
     models = {}
     for name, original in source.models.items():
         limits = {m: search.limits[(name, m)] for m in metrics}
@@ -427,12 +503,16 @@ def _to_config(search: _Search, source: ThresholdsConfig, metrics: list[str]) ->
         if value.get("pck") is not None:
             settings = original.pck_settings
             pck = PCKThreshold(alpha=settings.alpha, normalization=settings.normalization, min=value["pck"])
+        relative = None
+        if value.get(RELATIVE) is not None:
+            relative = RelativeKeypointErrorThreshold(max=value[RELATIVE], scales=scales[name].tolist())
         models[name] = ModelThresholds(
             checkpoint=original.checkpoint,
             pa_mpjpe_max=value.get("pa_mpjpe"),
             s_mpjpe_max=value.get("s_mpjpe"),
             pck=pck,
             max_keypoint_error_max=value.get("max_kp_error"),
+            max_relative_keypoint_error=relative,
         )
     return ThresholdsConfig(combine=source.combine, models=models)
 
@@ -445,7 +525,8 @@ def _header(result: CalibrationResult, scores: Path, provenance: dict[str, Any])
         f"{result.precision:.3f}, recall {result.recall:.3f}, F1 {result.f1:.3f}; kept {result.kept} images, "
         f"{result.keep_precision:.3f} of them faithful.\n{_by_type_line(result)}Valid for the checkpoints "
         f"scored: {checkpoints}.\n"
-        "Units: mm for the MPJPEs, percent for pck.min, sqrt(mask area) for max_keypoint_error_max."
+        "Units: mm for the MPJPEs, percent for pck.min, sqrt(mask area) for max_keypoint_error_max and for "
+        "max_relative_keypoint_error.scales, whose max is in multiples of each keypoint's scale."
     )
     return "\n".join(textwrap.fill(line, 100) for line in text.splitlines())
 

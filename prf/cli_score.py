@@ -139,7 +139,9 @@ def calibrate(
     ] = None,
     metric: Annotated[
         list[str] | None,
-        typer.Option(help="Metrics to threshold (repeatable): pa_mpjpe, s_mpjpe, pck, max_kp_error."),
+        typer.Option(
+            help="Metrics to threshold (repeatable): pa_mpjpe, s_mpjpe, pck, max_kp_error, max_rel_kp_error."
+        ),
     ] = None,
     objective: Annotated[
         str, typer.Option(help="f1 (best F1 of rejects) or mcc (Matthews correlation, docs/thresholds.md).")

@@ -143,11 +143,20 @@ def report(
     names = config.model_names()
     folder = Path(out) if out is not None else scores.with_name(f"{scores.stem}_report")
     folder.mkdir(parents=True, exist_ok=True)
-    scalar = ["image_id", "status", "reason", "keep"] + [f"{n}_{m}" for n in names for m in METRICS]
-    table = pq.read_table(scores, columns=scalar).to_pandas()
+    present = set(pq.read_schema(scores).names)  # an older prf wrote fewer metric columns
+    metric_columns = [f"{n}_{m}" for n in names for m in METRICS if f"{n}_{m}" in present]
+    table = pq.read_table(
+        scores, columns=["image_id", "status", "reason", "keep", *metric_columns]
+    ).to_pandas()
     summary = summarize(scores, max_errors=0)
 
-    plots = [_metric_plot(table, config, metric, folder / f"metric_{metric}.png") for metric in METRICS]
+    # a metric no model computed (max_rel_kp_error without its thresholds) gets no plot
+    shown_metrics = [
+        m
+        for m in METRICS
+        if any(np.isfinite(table.get(f"{n}_{m}", pd.Series(dtype=float))).any() for n in names)
+    ]
+    plots = [_metric_plot(table, config, metric, folder / f"metric_{metric}.png") for metric in shown_metrics]
     ok = table[table["status"] == "ok"]
     shown = {
         which: _contact_sheet(scores, subset, names, folder / f"{which}.png", per_sheet, tile)

@@ -7,8 +7,12 @@ camera-aligned 3D keypoints and the annotation's ``R @ keypoint_3d``; PCK (perce
 keypoints mapped back to IMAGE pixels against ``keypoint_2d`` (visible ones), with the thresholds file's
 alpha and normaliser (sqrt(mask area), or sqrt(w h) of the bbox when the input has no mask; or max(w, h)
 of the bbox); ``max_kp_error``: the largest 2D keypoint error over sqrt(mask area) (reacts to one wrong
-limb, see docs/thresholds.md). A model keeps an image when every threshold it sets passes (an undefined metric
-fails); the final verdict combines the models (``all``: every model keeps it, the paper's rule; ``any``).
+limb, see docs/thresholds.md); ``max_rel_kp_error``: the same with each keypoint's error divided by its
+``scales`` entry in the thresholds file (null when the file sets no ``max_relative_keypoint_error``); and
+``keypoint_errors``, the (K,) per-keypoint errors in sqrt(mask area) units (NaN where not visible) that
+``prf calibrate`` measures the scales from. A model keeps an image when every threshold it sets passes
+(an undefined metric fails); the final verdict combines the models (``all``: every model keeps it, the
+paper's rule; ``any``).
 
 Structure (so that a Lightning predict loop can drive it later for several devices): ``ScoreDataset`` /
 ``collate_items`` (prf.score_data) decode each image once in DataLoader workers; ``score_batch`` is a pure
@@ -35,6 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from prf import metrics
+from prf.body.layout import KEYPOINT_NAMES
 from prf.body.smal import SMAL
 from prf.checkpoint import sha256_file
 from prf.cpu import usable_cores
@@ -196,12 +201,30 @@ def _model_metrics(model: ScoringModel, rows: dict[str, Any], amp: bool) -> dict
         size = metrics.mask_area_normalizer(torch.where(torch.isnan(area), bbox[:, 2] * bbox[:, 3], area))
         settings = model.thresholds.pck_settings
         norm = size if settings.normalization == "mask_area" else metrics.bbox_normalizer(bbox)
+        errors = metrics.per_keypoint_errors(pred2d, target2d) / size[:, None]  # (B, K), sqrt(A) units
+        errors = errors.masked_fill(~visible, math.nan)
+        relative = model.thresholds.max_relative_keypoint_error
+        if relative is not None:
+            scales = torch.tensor(relative.scales, dtype=dtype, device=size.device)
+            max_relative = metrics.max_keypoint_error(
+                pred2d / scales[:, None], target2d / scales[:, None], visible
+            )
+            max_relative = max_relative / size
+            worst_relative = (errors / scales).nan_to_num(-1.0).argmax(dim=1)
+        else:
+            max_relative = torch.full_like(size, math.nan)
+            worst_relative = torch.zeros_like(size, dtype=torch.long)
         return {
             "pa_mpjpe": metrics.pa_mpjpe(pred3d, target3d),
             "s_mpjpe": metrics.s_mpjpe(pred3d, target3d),
             "pck": 100.0 * metrics.pck(pred2d, target2d, visible, settings.alpha, norm),
             "max_kp_error": metrics.max_keypoint_error(pred2d, target2d, visible) / size,
+            "max_rel_kp_error": max_relative,
             "keypoints_2d": pred2d,
+            "keypoint_errors": errors,
+            # which keypoint each maximum is at: named in the reject reason
+            "max_kp_error_at": errors.nan_to_num(-1.0).argmax(dim=1),
+            "max_rel_kp_error_at": worst_relative,
         }
 
 
@@ -237,6 +260,7 @@ def score_batch(
             row.update({f"{m.name}_{metric}": None for m in models for metric in METRICS})
             row.update({f"{m.name}_keep": None for m in models})
             row.update({f"{m.name}_keypoints_2d": None for m in models}, keypoints_2d=None)
+            row.update({f"{m.name}_keypoint_errors": None for m in models})
         else:
             k, reasons, verdicts = position[i], [], []
             for model in models:
@@ -244,10 +268,13 @@ def score_batch(
                 row.update({f"{model.name}_{metric}": _finite_or_nan(got[metric][k]) for metric in METRICS})
                 checks = model.thresholds.checks()
                 failed = [
-                    c.describe_failure(got[c.metric][k]) for c in checks if not c.passes(got[c.metric][k])
+                    c.describe_failure(got[c.metric][k]) + _where(got, c.metric, k)
+                    for c in checks
+                    if not c.passes(got[c.metric][k])
                 ]
                 row[f"{model.name}_keep"] = not failed
                 row[f"{model.name}_keypoints_2d"] = [v for point in got["keypoints_2d"][k] for v in point]
+                row[f"{model.name}_keypoint_errors"] = got["keypoint_errors"][k]
                 verdicts.append(not failed)
                 if failed:
                     reasons.append(f"{model.name}: {', '.join(failed)}")
@@ -257,6 +284,15 @@ def score_batch(
         row["source_index"] = int(batch["source_index"][i])
         rows.append(row)
     return rows
+
+
+def _where(got: dict[str, list], metric: str, k: int) -> str:
+    """ " at <keypoint name>" for a failed maximum over keypoints (e.g. ``max_kp_error 0.31 > 0.194 at
+    left_front_paw``) when it is defined; "" for the other metrics."""
+    at = got.get(f"{metric}_at")
+    if at is None or not math.isfinite(got[metric][k]):
+        return ""
+    return f" at {KEYPOINT_NAMES[at[k]]}"
 
 
 def _finite_or_nan(value: float) -> float:

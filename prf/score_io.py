@@ -65,6 +65,7 @@ def scores_schema(model_names: Sequence[str]) -> pa.Schema:
     fields += [("mask_area", pa.float64()), ("source_index", pa.int64())]
     fields += [(f"{name}_keypoints_2d", pa.list_(pa.float32())) for name in model_names]
     fields.append(("keypoints_2d", pa.list_(pa.float32())))
+    fields += [(f"{name}_keypoint_errors", pa.list_(pa.float32())) for name in model_names]
     return pa.schema(fields)
 
 
@@ -317,9 +318,15 @@ class _MergeIndex:
         return np.argsort(self.key, kind="stable")
 
     def read_unit(self, unit: int, schema: pa.Schema) -> pa.Table:
+        """One row group in ``schema``: a column that the file lacks (one an older prf did not write, such
+        as ``<M>_keypoint_errors``; every column added since is nullable) is filled with nulls."""
         source, group = self.units[unit]
         with pq.ParquetFile(source) as parquet:
-            return parquet.read_row_group(group).select(schema.names).cast(schema)
+            table = parquet.read_row_group(group)
+        for column in schema:
+            if column.name not in table.column_names:
+                table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+        return table.select(schema.names).cast(schema)
 
 
 def _iter_columns(path: Path, columns: list[str]) -> Iterable[dict[str, list[Any]]]:

@@ -2,8 +2,10 @@
 
 Units: PA-MPJPE and S-MPJPE in "mm" (SMAL units x 1000), PCK ``min`` in PERCENT (the paper's 95.83), the
 optional ``max_keypoint_error_max`` in units of sqrt(silhouette area) (image pixels / sqrt(mask area in
-pixels^2)). Every key is checked (unknown keys, wrong types, missing sections are errors that name the file
-and the dotted key path) when the file is loaded, which ``prf score`` does before any model is loaded.
+pixels^2)), the optional ``max_relative_keypoint_error.max`` in multiples of each keypoint's own ``scales``
+entry (that keypoint's typical error on faithful images, sqrt(mask area) units, from ``prf calibrate``).
+Every key is checked (unknown keys, wrong types, missing sections are errors that name the file and the
+dotted key path) when the file is loaded, which ``prf score`` does before any model is loaded.
 
 Example (docs/thresholds.md has the full reference)::
 
@@ -15,6 +17,7 @@ Example (docs/thresholds.md has the full reference)::
         s_mpjpe_max: 499.99                      # mm, or null
         pck: {alpha: 0.15, normalization: mask_area, min: 95.83}   # min in %, or pck: null
         max_keypoint_error_max: null             # sqrt(mask area) units, or null (default: off)
+        max_relative_keypoint_error: null        # {max: 4.1, scales: [26 numbers]}, or null (default)
       B: {...}
 """
 
@@ -31,6 +34,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
+# Animal3D's 26 keypoints: prf.body.layout.NUM_KEYPOINTS, not imported because importing prf.body loads
+# torch (2 s), and a thresholds file is checked before anything heavy is loaded
+NUM_KEYPOINTS = 26
 MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,15}$")
 # Metric column suffix -> (thresholds key, comparison that KEEPS an image, unit).
 METRICS: dict[str, tuple[str, str, str]] = {
@@ -38,6 +44,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "s_mpjpe": ("s_mpjpe_max", "<=", "mm"),
     "pck": ("pck.min", ">=", "%"),
     "max_kp_error": ("max_keypoint_error_max", "<=", "sqrt(mask area)"),
+    "max_rel_kp_error": ("max_relative_keypoint_error.max", "<=", "x the keypoint's scale"),
 }
 
 
@@ -73,6 +80,28 @@ class PCKThreshold(_Strict):
         return value
 
 
+class RelativeKeypointErrorThreshold(_Strict):
+    """The largest 2D keypoint error with each keypoint measured against its own typical error.
+
+    ``max_n e_n / scales[n]`` over the visible keypoints n, where ``e_n`` is keypoint n's error in sqrt(mask
+    area) units (the ``max_kp_error`` unit) and ``scales[n]`` the model's median ``e_n`` on faithful images.
+    A regressor is much less precise on some keypoints (paws, the tail tip) than on others (the neck, the
+    thighs), so one cut for all keypoints either lets a misplaced thigh through or rejects images for an
+    ordinary paw error. ``prf calibrate --metric max_rel_kp_error`` measures the scales and chooses ``max``.
+    """
+
+    max: Number = Field(gt=0.0)
+    scales: list[Number] = Field(min_length=NUM_KEYPOINTS, max_length=NUM_KEYPOINTS)
+
+    @field_validator("scales")
+    @classmethod
+    def _positive(cls, scales: list[float]) -> list[float]:
+        bad = [i for i, value in enumerate(scales) if not value > 0.0]
+        if bad:
+            raise ValueError(f"every scale must be > 0 (sqrt(mask area) units); entries {bad} are not")
+        return scales
+
+
 @dataclass(frozen=True)
 class Check:
     """One threshold of one model: ``metric`` (column suffix), ``op`` ("<=" or ">=" keeps), ``limit``."""
@@ -104,13 +133,14 @@ class ModelThresholds(_Strict):
     s_mpjpe_max: Number | None = Field(gt=0.0)
     pck: PCKThreshold | None
     max_keypoint_error_max: Number | None = Field(None, gt=0.0)
+    max_relative_keypoint_error: RelativeKeypointErrorThreshold | None = None
 
     @model_validator(mode="after")
     def _something_checked(self) -> ModelThresholds:
         if not self.checks():
             raise ValueError(
                 "sets no threshold, so this model would keep every image; set at least one of "
-                "pa_mpjpe_max, s_mpjpe_max, pck, max_keypoint_error_max"
+                "pa_mpjpe_max, s_mpjpe_max, pck, max_keypoint_error_max, max_relative_keypoint_error"
             )
         return self
 
@@ -120,7 +150,7 @@ class ModelThresholds(_Strict):
         return self.pck if self.pck is not None else PCKThreshold(min=0.0)
 
     def checks(self) -> list[Check]:
-        """The thresholds that are set, in the order pa_mpjpe, s_mpjpe, pck, max_kp_error."""
+        """The thresholds that are set, in METRICS order (pa_mpjpe, s_mpjpe, pck, max_kp_error, ...)."""
         out = []
         if self.pa_mpjpe_max is not None:
             out.append(Check("pa_mpjpe", "<=", self.pa_mpjpe_max))
@@ -130,6 +160,8 @@ class ModelThresholds(_Strict):
             out.append(Check("pck", ">=", self.pck.min))
         if self.max_keypoint_error_max is not None:
             out.append(Check("max_kp_error", "<=", self.max_keypoint_error_max))
+        if self.max_relative_keypoint_error is not None:
+            out.append(Check("max_rel_kp_error", "<=", self.max_relative_keypoint_error.max))
         return out
 
 
@@ -236,6 +268,19 @@ def load_thresholds(path: str | os.PathLike[str]) -> ThresholdsFile:
     return ThresholdsFile(loaded.config, path, text, hashlib.sha256(raw).hexdigest())
 
 
+class _FlowList(list):
+    """A list that ``dump_thresholds`` writes on one line: ``[0.031, 0.029, ...]``."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(
+    _FlowList, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
 def dump_thresholds(config: ThresholdsConfig, header: str = "") -> str:
     """YAML text for ``config`` (null thresholds written out), preceded by ``header`` as ``#`` comments."""
     models = {}
@@ -247,11 +292,17 @@ def dump_thresholds(config: ThresholdsConfig, header: str = "") -> str:
         entry["s_mpjpe_max"] = model.s_mpjpe_max
         entry["pck"] = model.pck.model_dump() if model.pck is not None else None
         entry["max_keypoint_error_max"] = model.max_keypoint_error_max
+        if model.max_relative_keypoint_error is not None:
+            relative = model.max_relative_keypoint_error
+            # one flow-style line of scales (26 numbers) rather than 26 lines
+            entry["max_relative_keypoint_error"] = {"max": relative.max, "scales": _FlowList(relative.scales)}
         models[name] = entry
-    body = yaml.safe_dump(
+    body = yaml.dump(
         {"version": config.version, "combine": config.combine, "models": models},
+        Dumper=_Dumper,
         sort_keys=False,
         default_flow_style=False,
+        width=100,
     )
     comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
     text = comments + body
