@@ -356,12 +356,9 @@ def _errors_matrix(column: pd.Series, width: int) -> np.ndarray:
 def relative_errors(errors: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """(N, K) errors, (K,) scales -> (N,) largest scaled error per image, NaN where none is defined."""
     scaled = errors / scales[None, :]
-    with np.errstate(all="ignore"):
-        return np.where(
-            np.isfinite(scaled).any(axis=1),
-            np.nanmax(np.where(np.isfinite(scaled), scaled, -np.inf), axis=1),
-            np.nan,
-        )
+    finite = np.isfinite(scaled)
+    largest = np.where(finite, scaled, -np.inf).max(axis=1, initial=-np.inf)
+    return np.where(finite.any(axis=1), largest, np.nan)
 
 
 def calibrate(

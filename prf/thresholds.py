@@ -294,7 +294,7 @@ def dump_thresholds(config: ThresholdsConfig, header: str = "") -> str:
         entry["max_keypoint_error_max"] = model.max_keypoint_error_max
         if model.max_relative_keypoint_error is not None:
             relative = model.max_relative_keypoint_error
-            # one flow-style line of scales (26 numbers) rather than 26 lines
+            # the 26 scales as a flow-style list (wrapped at 100 columns) rather than 26 lines
             entry["max_relative_keypoint_error"] = {"max": relative.max, "scales": _FlowList(relative.scales)}
         models[name] = entry
     body = yaml.dump(
