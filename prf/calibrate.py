@@ -141,6 +141,7 @@ class CalibrationResult:
     f1: float
     keep_precision: float
     false_positive_rate: float
+    mcc: float  # Matthews correlation of "rejected" with "failure" (the mcc objective)
     curves: dict[str, Curve] = field(default_factory=dict)
     rejected_by_type: dict[str, tuple[int, int]] = field(default_factory=dict)  # type -> (rejected, total)
     out: Path | None = None
@@ -169,6 +170,7 @@ class CalibrationResult:
         )
         quality.add_row("kept images", f"{self.kept} ({self.keep_precision:.3f} of them faithful)")
         quality.add_row("faithful images rejected", f"{self.false_positive_rate:.3f}")
+        quality.add_row("Matthews correlation", f"{self.mcc:.3f}")
         if not self.rejected_by_type:
             return Group(chosen, quality)
         by_type = Table(title="failures rejected, by type")
@@ -441,6 +443,7 @@ def calibrate(
         f1=final["f1"],
         keep_precision=final["keep_precision"],
         false_positive_rate=final["fpr"],
+        mcc=final["mcc"],
         curves={f"{n}_{m}": c for (n, m), v in bad.items() if (c := _curve(v, failure)) is not None},
         rejected_by_type=_rejected_by_type(keep, table["image_id"], failure_types),
     )

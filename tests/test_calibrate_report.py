@@ -85,7 +85,7 @@ def test_calibrate_separates_a_labelled_table(tmp_path: Path) -> None:
     pd.DataFrame({"image_id": ids, "keep": np.where(failure, "reject", "keep")}).to_csv(labels, index=False)
     result = calibrate(scores, labels, out=tmp_path / "th.yaml")
     assert (result.labelled, result.failures) == (len(failure), int(failure.sum()))
-    assert result.f1 == 1.0 and result.precision == 1.0 and result.recall == 1.0
+    assert result.f1 == 1.0 and result.precision == 1.0 and result.recall == 1.0 and result.mcc == 1.0
     a, b = result.config.models["A"], result.config.models["B"]
     assert 80.0 <= a.pa_mpjpe_max < 90.0 and 94.0 <= b.pck.min <= 96.0  # between the two classes
     assert a.checkpoint == "ckpt/a.pt" and b.pck.normalization == "bbox" and b.pck.alpha == 0.1

@@ -225,7 +225,7 @@ def test_calibrate_finds_what_only_the_relative_error_separates(tmp_path: Path) 
     pd.DataFrame({"image_id": ids, "keep": (~failure).astype(int)}).to_csv(labels, index=False)
     plain = calibrate(scores, labels, out=tmp_path / "plain.yaml", metrics=["max_kp_error"])
     relative = calibrate(scores, labels, out=tmp_path / "relative.yaml", metrics=["max_rel_kp_error"])
-    assert plain.f1 < 0.8 and relative.f1 == 1.0
+    assert plain.f1 < 0.8 and relative.f1 == 1.0 and relative.mcc == 1.0 and plain.mcc < 0.8
     chosen = relative.config.models["A"].max_relative_keypoint_error
     assert chosen is not None and 1.5 <= chosen.max < 4.5  # between faithful (<= 1.5x) and failures (4.5x)
     table = pq.read_table(scores).to_pandas()
