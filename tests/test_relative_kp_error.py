@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_score import Env, make_env
+from test_score import Env, make_env, oracle_regressor
 
 import prf.score as score_module
 from prf.body.layout import NUM_KEYPOINTS
@@ -92,22 +92,9 @@ def test_scoring_writes_per_keypoint_errors_and_the_relative_maximum(
     thresholds = load_thresholds(thresholds_path)
     models, specs = load_models(thresholds, {"A": env.a, "B": env.b}, torch.device("cpu"), None)
     batch = collate_items([load_item(ref, specs, 35) for ref in iter_samples(env.batch)])
-    target = batch["keypoints_2d"][:, :, :2].numpy()
     visible = batch["keypoints_2d"][:, :, 2].numpy() > 0
-    size = np.sqrt(batch["mask_area"].numpy())[:, None]
     moved = {NECK: 0.05, LEFT_FRONT_PAW: 0.08}
-
-    def oracle(net, body, crops, crop_cam=None, flip_test=False):
-        k = [spec.size for spec in specs].index(crops.shape[-1])
-        image = target.copy()
-        for index, offset in moved.items():
-            image[:, index, 1] += offset * size[:, 0]
-        crop = np.einsum("bij,bnj->bni", batch["affines"][k][:, :, :2].numpy(), image)
-        crop += batch["affines"][k][:, None, :, 2].numpy()
-        normalised = (crop + 0.5) * 2.0 / crops.shape[-1] - 1.0
-        return {"keypoints_3d": batch["keypoints_3d"].float(), "keypoints_2d": torch.as_tensor(normalised)}
-
-    monkeypatch.setattr(score_module, "run_regressor", oracle)
+    monkeypatch.setattr(score_module, "run_regressor", oracle_regressor(batch, specs, moved, axis=1))
     rows = score_batch(models, batch, "all")
     assert any(vis[NECK] for vis in visible)
     for row, vis in zip(rows, visible, strict=True):

@@ -12,8 +12,10 @@ import operator
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,7 +29,7 @@ from generation.run import export_animal3d, run_generate
 from prf.checkpoint import save_untrained_export
 from prf.data.inputs import iter_samples
 from prf.score import load_models, score, score_batch
-from prf.score_data import collate_items, load_item
+from prf.score_data import CropSpec, collate_items, load_item
 from prf.score_io import ScoresMismatchError
 from prf.thresholds import ModelThresholds, ThresholdsError, load_thresholds
 
@@ -115,6 +117,28 @@ def test_final_verdict_is_intersection_of_model_verdicts_and_union_with_any(env:
             assert ("B: s_mpjpe" in row["reason"]) == (not row["B_keep"])
 
 
+def oracle_regressor(
+    batch: dict[str, Any], specs: list[CropSpec], moved: dict[int, float], axis: int
+) -> Callable[..., dict[str, torch.Tensor]]:
+    """A stand-in for ``run_regressor`` on ``batch``: it returns the annotation itself (its 3D keypoints,
+    and its 2D keypoints in the crop of whichever spec the crops were made with), with keypoint n moved
+    by ``moved[n]`` sqrt(mask area) along image ``axis`` (0: x, 1: y). ``moved`` is read on every call."""
+    target = batch["keypoints_2d"][:, :, :2].numpy()
+    size = np.sqrt(batch["mask_area"].numpy())
+
+    def oracle(net, body, crops, crop_cam=None, flip_test=False):
+        k = [spec.size for spec in specs].index(crops.shape[-1])
+        image = target.copy()
+        for index, offset in moved.items():
+            image[:, index, axis] += offset * size
+        crop = np.einsum("bij,bnj->bni", batch["affines"][k][:, :, :2].numpy(), image)
+        crop += batch["affines"][k][:, None, :, 2].numpy()
+        normalised = (crop + 0.5) * 2.0 / crops.shape[-1] - 1.0
+        return {"keypoints_3d": batch["keypoints_3d"].float(), "keypoints_2d": torch.as_tensor(normalised)}
+
+    return oracle
+
+
 def test_an_exact_prediction_scores_perfectly_and_one_moved_leg_is_caught(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,20 +148,8 @@ def test_an_exact_prediction_scores_perfectly_and_one_moved_leg_is_caught(
     models, specs = load_models(thresholds, {"A": env.a, "B": env.b}, torch.device("cpu"), None)
     batch = collate_items([load_item(ref, specs, 35) for ref in list(iter_samples(env.batch))[:4]])
     target = batch["keypoints_2d"][:, :, :2].numpy()
-    size = np.sqrt(batch["mask_area"].numpy())[:, None]
-    moved = {}
-
-    def oracle(net, body, crops, crop_cam=None, flip_test=False):
-        k = [spec.size for spec in specs].index(crops.shape[-1])
-        image = target.copy()
-        for index, offset in moved.items():
-            image[:, index, 0] += offset * size[:, 0]
-        crop = np.einsum("bij,bnj->bni", batch["affines"][k][:, :, :2].numpy(), image)
-        crop += batch["affines"][k][:, None, :, 2].numpy()
-        normalised = (crop + 0.5) * 2.0 / crops.shape[-1] - 1.0
-        return {"keypoints_3d": batch["keypoints_3d"].float(), "keypoints_2d": torch.as_tensor(normalised)}
-
-    monkeypatch.setattr(score_module, "run_regressor", oracle)
+    moved: dict[int, float] = {}
+    monkeypatch.setattr(score_module, "run_regressor", oracle_regressor(batch, specs, moved, axis=0))
     for row, kp in zip(score_batch(models, batch, "all"), target, strict=True):
         assert row["A_pa_mpjpe"] < 1e-3 and row["A_s_mpjpe"] < 1e-3 and row["A_pck"] == 100.0
         assert row["B_pck"] == 100.0 and row["A_max_kp_error"] < 1e-6
