@@ -70,7 +70,7 @@ def test_the_thresholds_file_takes_the_relative_error_and_names_bad_keys() -> No
     assert config.models["B"].max_relative_keypoint_error is None  # optional, off by default
     text = dump_thresholds(config)
     assert parse_thresholds(text).config == config  # what is written loads back the same
-    assert sum("scales: [" in line for line in text.splitlines()) == 1  # 26 numbers on one line
+    assert sum("scales: [" in line for line in text.splitlines()) == 1  # a flow list, not 26 "- x" lines
     for bad, key in (
         (relative_file(SCALES[:-1]), "models.A.max_relative_keypoint_error.scales"),
         (relative_file([0.0, *SCALES[1:]]), "models.A.max_relative_keypoint_error.scales"),
