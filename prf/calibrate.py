@@ -128,6 +128,20 @@ class Curve:
 
 
 @dataclass
+class CheckResult:
+    """Thresholds judged on labelled images they were NOT chosen on (``evaluate_thresholds``)."""
+
+    scores: Path
+    labelled: int
+    failures: int
+    precision: float
+    recall: float
+    f1: float
+    mcc: float
+    false_positive_rate: float
+
+
+@dataclass
 class CalibrationResult:
     """Chosen thresholds and their quality on the labelled images (reject = positive class)."""
 
@@ -142,6 +156,7 @@ class CalibrationResult:
     keep_precision: float
     false_positive_rate: float
     mcc: float  # Matthews correlation of "rejected" with "failure" (the mcc objective)
+    check: CheckResult | None = None  # the same thresholds on a second labelled SCORES file, if given
     curves: dict[str, Curve] = field(default_factory=dict)
     rejected_by_type: dict[str, tuple[int, int]] = field(default_factory=dict)  # type -> (rejected, total)
     out: Path | None = None
@@ -171,6 +186,14 @@ class CalibrationResult:
         quality.add_row("kept images", f"{self.kept} ({self.keep_precision:.3f} of them faithful)")
         quality.add_row("faithful images rejected", f"{self.false_positive_rate:.3f}")
         quality.add_row("Matthews correlation", f"{self.mcc:.3f}")
+        if self.check is not None:
+            c = self.check
+            quality.add_row(
+                f"check set ({c.labelled} labelled, {c.failures} failures): precision / recall / F1",
+                f"{c.precision:.3f} / {c.recall:.3f} / {c.f1:.3f}",
+            )
+            quality.add_row("check set: Matthews correlation", f"{c.mcc:.3f}")
+            quality.add_row("check set: faithful images rejected", f"{c.false_positive_rate:.3f}")
         if not self.rejected_by_type:
             return Group(chosen, quality)
         by_type = Table(title="failures rejected, by type")
@@ -312,6 +335,19 @@ def _curve(bad: np.ndarray, failure: np.ndarray) -> Curve | None:
     return Curve(fpr, tpr, precision, recall, float(roc_auc_score(failure, filled)))
 
 
+def check_labels_belong(labels: str | os.PathLike[str], provenance: dict[str, Any], scores: Path) -> None:
+    """Refuse a BATCH's labels for SCORES of another BATCH that still exists: BATCH image ids
+    (``00000000``, ...) repeat across batches, so the wrong batch's labels would match every row."""
+    labels_path, scored = Path(labels), provenance.get("input")
+    if not labels_path.is_dir() or provenance.get("input_kind") != "batch" or not scored:
+        return
+    if Path(scored).is_dir() and os.path.realpath(labels_path) != os.path.realpath(scored):
+        raise ValueError(
+            f"{scores} scored the BATCH {scored}, but the labels are those of the BATCH {labels_path}; "
+            "pass the scored batch's folder (or a CSV) as the labels"
+        )
+
+
 def _load_table(scores: Path, names: list[str], metrics: list[str]) -> pd.DataFrame:
     columns = ["image_id", "status"]
     for name in names:
@@ -363,6 +399,62 @@ def relative_errors(errors: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.where(finite.any(axis=1), largest, np.nan)
 
 
+def evaluate_thresholds(
+    config: ThresholdsConfig, scores: str | os.PathLike[str], labels: str | os.PathLike[str]
+) -> CheckResult:
+    """The verdicts ``config`` would give the images of another labelled SCORES file, against its labels:
+    how a set of thresholds (or a choice of metrics) carries over to images it was not fitted to.
+
+    The metrics are the SCORES' columns, except ``max_rel_kp_error``, recomputed from the per-keypoint
+    errors with ``config``'s scales. The SCORES must have the same model names and, where ``config``
+    checks PCK, the same PCK alpha and normalisation (its pck column means nothing else).
+    """
+    scores = Path(scores)
+    if not scores.is_file():
+        raise FileNotFoundError(f"check SCORES file {scores} does not exist (make it with prf score)")
+    provenance = read_provenance(scores)
+    check_labels_belong(labels, provenance, scores)
+    source = read_thresholds_of(provenance)
+    names = config.model_names()
+    if source.model_names() != names:
+        raise ValueError(
+            f"{scores} was scored with models {source.model_names()}, the thresholds are for {names}"
+        )
+    for name in names:
+        wanted, made = config.models[name], source.models[name].pck_settings
+        if wanted.pck is not None and (wanted.pck.alpha, wanted.pck.normalization) != (
+            made.alpha,
+            made.normalization,
+        ):
+            raise ValueError(
+                f"{scores}: its {name}_pck is PCK@{made.alpha} ({made.normalization}), the thresholds check "
+                f"PCK@{wanted.pck.alpha} ({wanted.pck.normalization}); score it with matching pck settings"
+            )
+    label_of, _ = read_labels(labels)
+    metrics = sorted({c.metric for name in names for c in config.models[name].checks()})
+    table = _load_table(scores, names, metrics)
+    table = table[(table["status"] == "ok") & table["image_id"].isin(label_of.keys())]
+    failure = np.array([label_of[i] for i in table["image_id"]], dtype=bool)
+    if failure.size == 0:
+        raise ValueError(f"{scores}: no scored image has a label in {labels}")
+    passes = []
+    for name in names:
+        model = config.models[name]
+        ok = np.ones(failure.shape, dtype=bool)
+        for check in model.checks():
+            if check.metric == RELATIVE and model.max_relative_keypoint_error is not None:
+                errors = _errors_matrix(table[f"{name}_keypoint_errors"], NUM_KEYPOINTS)
+                values = relative_errors(errors, np.asarray(model.max_relative_keypoint_error.scales))
+            else:
+                values = table[f"{name}_{check.metric}"].to_numpy(dtype=float)
+            ok &= np.array([check.passes(v) for v in values], dtype=bool)
+        passes.append(ok)
+    keep = np.all(passes, axis=0) if config.combine == "all" else np.any(passes, axis=0)
+    q = {k: float(v[0]) for k, v in _quality(keep[:, None], failure).items()}
+    return CheckResult(scores, int(failure.size), int(failure.sum()), q["precision"], q["recall"], q["f1"],
+                       q["mcc"], q["fpr"])  # fmt: skip
+
+
 def calibrate(
     scores: str | os.PathLike[str],
     labels: str | os.PathLike[str],
@@ -371,6 +463,8 @@ def calibrate(
     plot: str | os.PathLike[str] | None = None,
     metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS,
     objective: str = "f1",
+    check_scores: str | os.PathLike[str] | None = None,
+    check_labels: str | os.PathLike[str] | None = None,
 ) -> CalibrationResult:
     """Choose thresholds on SCORES + labels (module docstring), write ``out`` and the ROC / PR plot.
 
@@ -383,6 +477,9 @@ def calibrate(
         metrics: which metrics get thresholds (column suffixes: pa_mpjpe, s_mpjpe, pck, max_kp_error,
             max_rel_kp_error).
         objective: "f1" or "mcc" (module docstring); the start for ``target_precision``.
+        check_scores, check_labels: optionally a second labelled SCORES file (made with the same models)
+            on which the chosen thresholds are judged too (``evaluate_thresholds``); it never influences
+            the choice. Compare metric sets by this, not by the calibration images' own figures.
     """
     scores, out = Path(scores), Path(out)
     unknown = [m for m in metrics if m not in METRICS]
@@ -394,7 +491,12 @@ def calibrate(
         raise ValueError(f"--target-precision is a share in (0, 1], got {target_precision}")
     if not scores.is_file():
         raise FileNotFoundError(f"SCORES file {scores} does not exist (make it with prf score)")
+    if (check_scores is None) != (check_labels is None):
+        raise ValueError("give both --check-scores and --check-labels, or neither")
+    if check_scores is not None and not Path(check_scores).is_file():
+        raise FileNotFoundError(f"check SCORES file {check_scores} does not exist (make it with prf score)")
     provenance = read_provenance(scores)
+    check_labels_belong(labels, provenance, scores)
     source = read_thresholds_of(provenance)
     names = source.model_names()
     label_of, failure_types = read_labels(labels)
@@ -452,6 +554,8 @@ def calibrate(
             f"no thresholds found whose kept images are >= {target_precision:g} faithful (best "
             f"{result.keep_precision:.3f}); lower --target-precision or add --metric max_kp_error"
         )
+    if check_scores is not None and check_labels is not None:
+        result.check = evaluate_thresholds(config, check_scores, check_labels)
     header = _header(result, scores, provenance)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, dump_thresholds(config, header).encode("utf-8"))
@@ -523,12 +627,25 @@ def _header(result: CalibrationResult, scores: Path, provenance: dict[str, Any])
         f"Calibrated by `prf calibrate` on {now_iso()} from {scores} ({result.labelled} labelled images, "
         f"{result.failures} failures).\nObjective: {result.objective}. Rejects: precision "
         f"{result.precision:.3f}, recall {result.recall:.3f}, F1 {result.f1:.3f}; kept {result.kept} images, "
-        f"{result.keep_precision:.3f} of them faithful.\n{_by_type_line(result)}Valid for the checkpoints "
+        f"{result.keep_precision:.3f} of them faithful.\n{_by_type_line(result)}{_check_line(result)}"
+        "Valid for the checkpoints "
         f"scored: {checkpoints}.\n"
         "Units: mm for the MPJPEs, percent for pck.min, sqrt(mask area) for max_keypoint_error_max and for "
         "max_relative_keypoint_error.scales, whose max is in multiples of each keypoint's scale."
     )
     return "\n".join(textwrap.fill(line, 100) for line in text.splitlines())
+
+
+def _check_line(result: CalibrationResult) -> str:
+    """ "On the check set ...: precision ..., Matthews correlation ....\n" (empty without one)."""
+    c = result.check
+    if c is None:
+        return ""
+    return (
+        f"On the check set {c.scores} ({c.labelled} labelled images, {c.failures} failures): precision "
+        f"{c.precision:.3f}, recall {c.recall:.3f}, F1 {c.f1:.3f}, Matthews correlation {c.mcc:.3f}, "
+        f"faithful images rejected {c.false_positive_rate:.3f}.\n"
+    )
 
 
 def _by_type_line(result: CalibrationResult) -> str:

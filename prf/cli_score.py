@@ -146,11 +146,22 @@ def calibrate(
     objective: Annotated[
         str, typer.Option(help="f1 (best F1 of rejects) or mcc (Matthews correlation, docs/thresholds.md).")
     ] = "f1",
+    check_scores: Annotated[
+        Path | None,
+        typer.Option(
+            help="A second labelled SCORES file to judge the chosen thresholds on (never fitted to)."
+        ),
+    ] = None,
+    check_labels: Annotated[
+        Path | None, typer.Option(help="The labels of --check-scores (CSV or BATCH).")
+    ] = None,
 ) -> None:
     """Choose per-model thresholds from labelled images (best F1 or MCC, or a kept-set precision)."""
     from prf.cli import friendly_errors
 
-    friendly_errors(_calibrate)(scores, labels, target_precision, out, plot, metric, objective)
+    friendly_errors(_calibrate)(
+        scores, labels, target_precision, out, plot, metric, objective, check_scores, check_labels
+    )
 
 
 def _calibrate(
@@ -161,6 +172,8 @@ def _calibrate(
     plot: Path | None,
     metric: list[str] | None,
     objective: str,
+    check_scores: Path | None = None,
+    check_labels: Path | None = None,
 ) -> None:
     from rich.console import Console
 
@@ -168,7 +181,15 @@ def _calibrate(
     from prf.calibrate import calibrate as run_calibrate
 
     result = run_calibrate(
-        scores, labels, target_precision, out, plot, tuple(metric or DEFAULT_METRICS), objective
+        scores,
+        labels,
+        target_precision,
+        out,
+        plot,
+        tuple(metric or DEFAULT_METRICS),
+        objective,
+        check_scores,
+        check_labels,
     )
     console = Console()
     console.print(result.renderable())

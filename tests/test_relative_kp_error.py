@@ -21,7 +21,13 @@ from test_score import Env, make_env, oracle_regressor
 
 import prf.score as score_module
 from prf.body.layout import NUM_KEYPOINTS
-from prf.calibrate import MIN_SCALE_IMAGES, calibrate, keypoint_error_scales, relative_errors
+from prf.calibrate import (
+    MIN_SCALE_IMAGES,
+    calibrate,
+    evaluate_thresholds,
+    keypoint_error_scales,
+    relative_errors,
+)
 from prf.data.inputs import iter_samples
 from prf.report import report
 from prf.score import load_models, score, score_batch
@@ -153,6 +159,20 @@ def test_a_run_stores_the_columns_and_calibrate_reads_them(env: Env, tmp_path: P
     )
 
 
+def test_labels_of_another_batch_are_refused(env: Env, tmp_path: Path) -> None:
+    """BATCH image ids repeat across batches: another batch's labels would match every row silently."""
+    out = tmp_path / "scores.parquet"
+    score(env.batch, thresholds_path=env.loose, models=[env.a, env.b], out=out, batch_size=8, quiet=True)
+    other = tmp_path / "other_batch"
+    other.mkdir()
+    with pytest.raises(ValueError, match=r"scored the BATCH .* but the labels are those of the BATCH"):
+        calibrate(out, other, out=tmp_path / "th.yaml")
+    config = load_thresholds(env.loose).config
+    with pytest.raises(ValueError, match="scored the BATCH"):
+        evaluate_thresholds(config, out, other)
+    assert evaluate_thresholds(config, out, env.batch).labelled == len(pq.read_table(out))
+
+
 def test_scales_are_medians_of_faithful_errors_and_rare_keypoints_take_the_pooled_median() -> None:
     rng = np.random.default_rng(0)
     n = 200
@@ -247,3 +267,60 @@ def test_older_scores_without_the_new_columns_still_merge_report_and_explain(tmp
     pd.DataFrame({"image_id": old.column("image_id").to_pylist(), "keep": 1}).to_csv(labels, index=False)
     with pytest.raises(ValueError, match=r"A_keypoint_errors.*score again"):
         calibrate(old_path, labels, out=tmp_path / "th.yaml", metrics=["max_rel_kp_error"])
+
+
+def labels_csv(path: Path, failure: np.ndarray) -> Path:
+    ids = [f"im{i:04d}" for i in range(len(failure))]
+    pd.DataFrame({"image_id": ids, "keep": (~failure).astype(int)}).to_csv(path, index=False)
+    return path
+
+
+def test_calibrate_judges_its_thresholds_on_a_check_set_it_never_fits(tmp_path: Path) -> None:
+    """``--check-scores``: the chosen thresholds' verdicts on a second labelled SCORES file equal the
+    thresholds file applied by hand to it, for a plain and a relative metric; mismatches are errors."""
+    scores, check = tmp_path / "scores.parquet", tmp_path / "check.parquet"
+    labels = labels_csv(tmp_path / "labels.csv", synthetic_keypoint_scores(scores, seed=0))
+    check_failure = synthetic_keypoint_scores(check, seed=1)
+    check_labels = labels_csv(tmp_path / "check.csv", check_failure)
+    table = pq.read_table(check).to_pandas()
+    for metric in ("max_kp_error", "max_rel_kp_error"):
+        out = tmp_path / f"{metric}.yaml"
+        result = calibrate(
+            scores,
+            labels,
+            out=out,
+            metrics=[metric],
+            objective="mcc",
+            check_scores=check,
+            check_labels=check_labels,
+        )
+        config = load_thresholds(out).config
+        keep = np.ones(len(table), dtype=bool)
+        for name, model in config.models.items():
+            for check_ in model.checks():
+                if check_.metric == "max_rel_kp_error":
+                    errors = np.stack(table[f"{name}_keypoint_errors"].to_numpy()).astype(float)
+                    values = relative_errors(errors, np.array(model.max_relative_keypoint_error.scales))
+                else:
+                    values = table[f"{name}_{check_.metric}"].to_numpy()
+                keep &= np.array([check_.passes(v) for v in values])
+        tp, fp = int((~keep & check_failure).sum()), int((~keep & ~check_failure).sum())
+        fn, tn = int((keep & check_failure).sum()), int((keep & ~check_failure).sum())
+        mcc = (tp * tn - fp * fn) / np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+        assert result.check is not None and result.check.labelled == len(table)
+        assert result.check.mcc == pytest.approx(mcc) and result.check.f1 == pytest.approx(
+            2 * tp / (2 * tp + fp + fn)
+        )
+        assert result.check.false_positive_rate == pytest.approx(fp / (fp + tn))
+        assert "On the check set" in out.read_text()
+    assert result.check.mcc == 1.0  # the relative error separates fresh images as well
+    with pytest.raises(ValueError, match="give both"):
+        calibrate(scores, labels, out=tmp_path / "x.yaml", check_scores=check)
+    other = tmp_path / "other.parquet"
+    metadata = dict(pq.read_schema(check).metadata)
+    provenance = json.loads(metadata[METADATA_KEY])
+    provenance["thresholds"]["content"] = provenance["thresholds"]["content"].replace("  B:", "  C:")
+    metadata[METADATA_KEY] = json.dumps(provenance).encode()
+    pq.write_table(pq.read_table(check).replace_schema_metadata(metadata), other)
+    with pytest.raises(ValueError, match=r"models \['A', 'C'\], the thresholds are for \['A', 'B'\]"):
+        calibrate(scores, labels, out=tmp_path / "y.yaml", check_scores=other, check_labels=check_labels)
