@@ -324,3 +324,17 @@ def test_calibrate_judges_its_thresholds_on_a_check_set_it_never_fits(tmp_path: 
     pq.write_table(pq.read_table(check).replace_schema_metadata(metadata), other)
     with pytest.raises(ValueError, match=r"models \['A', 'C'\], the thresholds are for \['A', 'B'\]"):
         calibrate(scores, labels, out=tmp_path / "y.yaml", check_scores=other, check_labels=check_labels)
+
+
+def test_a_check_set_scored_with_another_pck_is_refused(tmp_path: Path) -> None:
+    """The check set's pck column is PCK@0.15 (sqrt(mask area)); thresholds on PCK@0.1 cannot use it."""
+    check = tmp_path / "check.parquet"
+    labels = labels_csv(tmp_path / "check.csv", synthetic_keypoint_scores(check, seed=1))
+    config = parse_thresholds(
+        "models:\n  A: {pa_mpjpe_max: null, s_mpjpe_max: null, pck: {alpha: 0.1, min: 50}}\n"
+        "  B: {pa_mpjpe_max: 500, s_mpjpe_max: null, pck: null}\n"
+    ).config
+    with pytest.raises(ValueError, match=r"A_pck is PCK@0\.15 \(mask_area\), the thresholds check PCK@0\.1"):
+        evaluate_thresholds(config, check, labels)
+    config.models["A"].pck.alpha = 0.15  # the same PCK: accepted
+    assert evaluate_thresholds(config, check, labels).labelled == 400
