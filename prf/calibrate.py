@@ -382,12 +382,14 @@ def keypoint_error_scales(errors: np.ndarray, faithful: np.ndarray) -> np.ndarra
     return np.array([float(f"{v:.4g}") for v in np.maximum(scales, 1e-6)])
 
 
-def _errors_matrix(column: pd.Series, width: int) -> np.ndarray:
-    """A SCORES list column (N rows of ``width`` floats, or null) -> (N, width) float64, null rows NaN."""
-    rows = [np.asarray(v, dtype=float) if v is not None else np.full(width, np.nan) for v in column]
-    matrix = np.stack(rows) if rows else np.zeros((0, width))
-    if matrix.shape[1:] != (width,):
-        raise ValueError(f"{column.name}: expected {width} values per row, got shape {matrix.shape}")
+def _keypoint_errors(table: pd.DataFrame, name: str) -> np.ndarray:
+    """Model ``name``'s ``<name>_keypoint_errors`` (N rows of K floats, or null) -> (N, K) float64, null
+    rows NaN."""
+    column = table[f"{name}_keypoint_errors"]
+    rows = [np.asarray(v, dtype=float) if v is not None else np.full(NUM_KEYPOINTS, np.nan) for v in column]
+    matrix = np.stack(rows) if rows else np.zeros((0, NUM_KEYPOINTS))
+    if matrix.shape[1:] != (NUM_KEYPOINTS,):
+        raise ValueError(f"{column.name}: expected {NUM_KEYPOINTS} values per row, got shape {matrix.shape}")
     return matrix
 
 
@@ -443,11 +445,14 @@ def evaluate_thresholds(
         ok = np.ones(failure.shape, dtype=bool)
         for check in model.checks():
             if check.metric == RELATIVE and model.max_relative_keypoint_error is not None:
-                errors = _errors_matrix(table[f"{name}_keypoint_errors"], NUM_KEYPOINTS)
-                values = relative_errors(errors, np.asarray(model.max_relative_keypoint_error.scales))
+                scales = np.asarray(model.max_relative_keypoint_error.scales)
+                values = relative_errors(_keypoint_errors(table, name), scales)
             else:
                 values = table[f"{name}_{check.metric}"].to_numpy(dtype=float)
-            ok &= np.array([check.passes(v) for v in values], dtype=bool)
+            # the search's own verdict (NaN fails), vectorised: the same as Check.passes per value
+            ok &= _passes(
+                _badness(values, check.metric), float(_badness(np.float64(check.limit), check.metric))
+            )
         passes.append(ok)
     keep = np.all(passes, axis=0) if config.combine == "all" else np.any(passes, axis=0)
     q = {k: float(v[0]) for k, v in _quality(keep[:, None], failure).items()}
@@ -512,8 +517,8 @@ def calibrate(
     bad = {}
     for name in names:
         for m in metrics:
-            if m == RELATIVE:
-                errors = _errors_matrix(table[f"{name}_keypoint_errors"], NUM_KEYPOINTS)
+            if m == RELATIVE:  # the scales first, from this table's faithful images
+                errors = _keypoint_errors(table, name)
                 scales[name] = keypoint_error_scales(errors, ~failure)
                 bad[(name, m)] = relative_errors(errors, scales[name])
             else:
