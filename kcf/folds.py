@@ -20,9 +20,11 @@ fold's training from ``last.ckpt``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -205,6 +207,26 @@ class SaveLastCheckpoint(pl.Callback):
         os.replace(tmp, self.path)
 
 
+# Lightning's info lines ("GPU available: ...", "TPU available: ...", a logging tip, "max_epochs reached"),
+# printed by every Trainer: 2 Trainers x K folds of them would bury KCF's own progress lines. Its warnings
+# (e.g. "GPU available but not used") still show.
+_LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
+
+
+@contextlib.contextmanager
+def lightning_info_silenced() -> Iterator[None]:
+    """Within the block, Lightning's rank-zero INFO messages are dropped (warnings and errors are not)."""
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_INFO_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _trainer(spec: FoldSpec, fold_dir: Path, extra: Sequence[pl.Callback] = ()) -> pl.Trainer:
     progress, live_bar = progress_callbacks(spec.progress_bar)
     callbacks: list[pl.Callback] = [SaveLastCheckpoint(fold_dir / "last.ckpt"), *extra, *progress]
@@ -252,8 +274,9 @@ def train_fold(
     loader = _loader(dataset, spec.batch_size, spec.num_workers, True, spec.seed + fold)
     last = store.last_checkpoint(fold)
     started = time.perf_counter()
-    trainer = _trainer(spec, fold_dir, callbacks)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=last if last.is_file() else None)
+    with lightning_info_silenced():
+        trainer = _trainer(spec, fold_dir, callbacks)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=last if last.is_file() else None)
     seconds = time.perf_counter() - started
     tmp = store.model_path(fold).with_name(".model.pt.tmp")
     torch.save(
@@ -291,15 +314,16 @@ def score_fold(
     loader = _loader(dataset, spec.score_batch_size, spec.num_workers, False, spec.seed)
     started = time.perf_counter()
     progress, live_bar = progress_callbacks(spec.progress_bar)
-    trainer = pl.Trainer(
-        **spec.trainer,
-        logger=False,
-        enable_progress_bar=live_bar,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=progress,
-    )
-    outputs = trainer.predict(module, dataloaders=loader, return_predictions=True) or []
+    with lightning_info_silenced():
+        trainer = pl.Trainer(
+            **spec.trainer,
+            logger=False,
+            enable_progress_bar=live_bar,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=progress,
+        )
+        outputs = trainer.predict(module, dataloaders=loader, return_predictions=True) or []
     seconds = time.perf_counter() - started
     rows = []
     for out in outputs:

@@ -8,6 +8,7 @@ folds, one thread.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 from pathlib import Path
 
@@ -21,7 +22,13 @@ from PIL import Image
 
 from kcf.cli import kcf as kcf_command
 from kcf.data import AngleBins, collect_items, rigid_angles
-from kcf.folds import FoldStore, assign_folds, load_fold_module, score_fold
+from kcf.folds import (
+    FoldStore,
+    assign_folds,
+    lightning_info_silenced,
+    load_fold_module,
+    score_fold,
+)
 from kcf.run import SCORES_COLUMNS, fold_spec, load_config, load_thresholds, run_kcf
 from kcf.threedst import read_threedst_annotation
 from prf.body.pickle_io import ForbiddenPickleClass
@@ -425,3 +432,20 @@ def test_optimiser_is_chosen_by_name(name: str, kind: type) -> None:
     assert type(optim["optimizer"]) is kind
     with pytest.raises(ValueError, match="name"):
         OptimSettings(name="adam")
+
+
+def test_lightning_info_is_silenced_only_inside_the_block(caplog: pytest.LogCaptureFixture) -> None:
+    """Every fold builds Trainers; their "GPU available" / logging-tip lines are dropped, warnings are not,
+    and the logger's level is back afterwards."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+    caplog.set_level(logging.INFO)
+    with lightning_info_silenced():
+        pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+        with pytest.warns(UserWarning, match="a warning still shows"):
+            rank_zero_warn("a warning still shows")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("GPU available" in m for m in messages), messages
+    caplog.clear()
+    pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert any("GPU available" in r.getMessage() for r in caplog.records)
