@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,20 +209,25 @@ class SaveLastCheckpoint(pl.Callback):
 
 
 # Lightning's info lines ("GPU available: ...", "TPU available: ...", a logging tip, "max_epochs reached"),
-# printed by every Trainer: 2 Trainers x K folds of them would bury KCF's own progress lines. Its warnings
-# (e.g. "GPU available but not used") still show.
+# printed by every Trainer, and one deprecation warning Lightning's own code raises under this torch
+# ("isinstance(treespec, LeafSpec) is deprecated", once per fold): 2 Trainers x K folds of them would
+# bury KCF's own progress lines, and the user can act on none of them. Other warnings still show.
 _LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
+_LIGHTNING_INTERNAL_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 @contextlib.contextmanager
 def lightning_info_silenced() -> Iterator[None]:
-    """Within the block, Lightning's rank-zero INFO messages are dropped (warnings and errors are not)."""
+    """Within the block, Lightning's rank-zero INFO messages and its internal pytree deprecation warning
+    are dropped (other warnings and errors are not)."""
     loggers = [logging.getLogger(name) for name in _LIGHTNING_INFO_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_LIGHTNING_INTERNAL_DEPRECATION)
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
