@@ -71,16 +71,13 @@ def kcf(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Run KCF: train a binned pose classifier on K-1 folds, score the held-out fold, threshold the loss."""
-    import logging
-
     from rich.console import Console
 
     from kcf.run import load_config, load_thresholds, run_kcf
     from prf.train import parse_overrides
 
     console = Console(stderr=True)
-    # Lightning's per-Trainer notices (accelerator, tips, "max_epochs reached") would repeat twice per fold.
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    # (Lightning's per-Trainer notices are silenced around each fold: kcf.folds.lightning_info_silenced)
     if not input.exists():
         raise FileNotFoundError(f"input {input} does not exist")
     overrides = parse_overrides(set_values or [])

@@ -440,7 +440,8 @@ def test_lightning_info_is_silenced_only_inside_the_block(caplog: pytest.LogCapt
     deprecation are dropped, other warnings are not, and the logger's level is back afterwards."""
     from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
-    caplog.set_level(logging.INFO)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        caplog.set_level(logging.INFO, logger=name)  # whatever an earlier test left; restored afterwards
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
         with lightning_info_silenced():
