@@ -408,8 +408,9 @@ def evaluate_thresholds(
     how a set of thresholds (or a choice of metrics) carries over to images it was not fitted to.
 
     The metrics are the SCORES' columns, except ``max_rel_kp_error``, recomputed from the per-keypoint
-    errors with ``config``'s scales. The SCORES must have the same model names and, where ``config``
-    checks PCK, the same PCK alpha and normalisation (its pck column means nothing else).
+    errors with ``config``'s scales. The SCORES must have the same model names, be made by the
+    checkpoints ``config`` was calibrated for (where it names them: ``calibrated_for_sha256``) and, where
+    ``config`` checks PCK, with the same PCK alpha and normalisation (its pck column means nothing else).
     """
     scores = Path(scores)
     if not scores.is_file():
@@ -422,6 +423,15 @@ def evaluate_thresholds(
         raise ValueError(
             f"{scores} was scored with models {source.model_names()}, the thresholds are for {names}"
         )
+    hashes = {m["name"]: m["sha256"] for m in provenance["models"]}
+    for name in names:
+        expected = config.models[name].calibrated_for_sha256
+        if expected is not None and hashes.get(name) != expected:
+            raise ValueError(
+                f"{scores}: model {name} was scored with checkpoint sha256 {str(hashes.get(name))[:12]}..., "
+                f"the thresholds were calibrated for {expected[:12]}...; score the check set with the same "
+                "checkpoints"
+            )
     for name in names:
         wanted, made = config.models[name], source.models[name].pck_settings
         if wanted.pck is not None and (wanted.pck.alpha, wanted.pck.normalization) != (
@@ -536,7 +546,8 @@ def calibrate(
         )
         described = f"kept images >= {goal:g} faithful"
     search.give_every_model_a_threshold()
-    config = _to_config(search, source, list(metrics), scales)
+    hashes = {m["name"]: m["sha256"] for m in provenance["models"]}
+    config = _to_config(search, source, list(metrics), scales, hashes)
     keep = search.keep()
     final = {k: float(v[0]) for k, v in _quality(keep[:, None], failure).items()}
     result = CalibrationResult(
@@ -591,10 +602,15 @@ def _round_between(limit: float, next_limit: float) -> float:
 
 
 def _to_config(
-    search: _Search, source: ThresholdsConfig, metrics: list[str], scales: dict[str, np.ndarray]
+    search: _Search,
+    source: ThresholdsConfig,
+    metrics: list[str],
+    scales: dict[str, np.ndarray],
+    hashes: dict[str, str],
 ) -> ThresholdsConfig:
     """The chosen limits as a config (rounded between observed values; ``scales``: model -> the keypoint
-    error scales measured for ``max_rel_kp_error``, written with its maximum)."""
+    error scales measured for ``max_rel_kp_error``, written with its maximum; ``hashes``: model -> the
+    sha256 of the checkpoint that made the SCORES, written as ``calibrated_for_sha256``)."""
     models = {}
     for name, original in source.models.items():
         limits = {m: search.limits[(name, m)] for m in metrics}
@@ -617,6 +633,7 @@ def _to_config(
             relative = RelativeKeypointErrorThreshold(max=value[RELATIVE], scales=scales[name].tolist())
         models[name] = ModelThresholds(
             checkpoint=original.checkpoint,
+            calibrated_for_sha256=hashes.get(name),
             pa_mpjpe_max=value.get("pa_mpjpe"),
             s_mpjpe_max=value.get("s_mpjpe"),
             pck=pck,

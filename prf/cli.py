@@ -7,6 +7,7 @@ line before any work starts, never as a traceback.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -32,13 +33,30 @@ class UserError(Exception):
     """A problem with the user's input or configuration: shown as one line, exit code 2."""
 
 
+def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints prf's own warnings (about the user's setup, e.g. thresholds
+    calibrated for another checkpoint) as one ``warning:`` line, and passes the rest on to ``show``."""
+    from prf.thresholds import CalibrationMismatchWarning
+
+    def showwarning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+        if issubclass(category, CalibrationMismatchWarning):
+            console.print(f"[bold yellow]warning:[/] {message}", highlight=False, markup=True)
+        else:
+            show(message, category, *args, **kwargs)
+
+    return showwarning
+
+
 def friendly_errors(func: F) -> F:
-    """Turn configuration errors into a one-line message and exit code 2 (no traceback)."""
+    """Turn configuration errors into a one-line message and exit code 2 (no traceback), and show prf's
+    own warnings as one line each."""
 
     @functools.wraps(func)
     def wrapper(*args: object, **kwargs: object) -> object:
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():  # restores showwarning afterwards
+                warnings.showwarning = _one_line_warnings(warnings.showwarning)
+                return func(*args, **kwargs)
         except (UserError, FileNotFoundError, ValueError) as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
             raise typer.Exit(code=2) from None

@@ -26,6 +26,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,14 @@ from prf.score_io import (
     summarize,
     write_lists,
 )
-from prf.thresholds import METRICS, ModelThresholds, ThresholdsFile, load_thresholds
+from prf.thresholds import (
+    METRICS,
+    CalibrationMismatchWarning,
+    ModelThresholds,
+    ThresholdsFile,
+    calibration_mismatches,
+    load_thresholds,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TODO_PREFIX = "prf-score-todo-"  # + host-pid-: the list of images a run scores (plan_run), under TMPDIR
@@ -458,7 +466,8 @@ def plan_run(
     limit: int | None,
 ) -> RunPlan:
     """Check the configuration (thresholds, checkpoints, input, an existing ``out`` or its parts folder:
-    same thresholds and checkpoints) and list the images not scored yet, in input order. Writes nothing
+    same thresholds and checkpoints; a ``CalibrationMismatchWarning`` for a checkpoint the thresholds
+    were not calibrated for) and list the images not scored yet, in input order. Writes nothing
     but that list: call ``RunPlan.release`` when the run is over.
 
     The list is not held in memory: SampleRefs take ~2.2 KB each as Python objects (2.2 GB for 10^6
@@ -471,6 +480,8 @@ def plan_run(
     input_path, out = Path(input_path), Path(out)
     kind = detect_input(input_path)
     hashes = {name: sha256_file(path) for name, path in checkpoints.items()}
+    for message in calibration_mismatches(thresholds, hashes):
+        warnings.warn(message, CalibrationMismatchWarning, stacklevel=2)
     provenance = _provenance(input_path, kind, thresholds, checkpoints, hashes)
     store = PartStore(out)
     done: set[str] = set()

@@ -13,12 +13,17 @@ Example (docs/thresholds.md has the full reference)::
     models:
       A:
         checkpoint: checkpoints/prf_model_a.pt   # optional; relative to this file's folder
+        calibrated_for_sha256: 3b8858...         # optional; written by prf calibrate (below)
         pa_mpjpe_max: 108.06                     # mm, or null (not checked)
         s_mpjpe_max: 499.99                      # mm, or null
         pck: {alpha: 0.15, normalization: mask_area, min: 95.83}   # min in %, or pck: null
         max_keypoint_error_max: null             # sqrt(mask area) units, or null (default: off)
         max_relative_keypoint_error: null        # {max: 4.1, scales: [26 numbers]}, or null (default)
       B: {...}
+
+``calibrated_for_sha256`` (64 hex digits) names the checkpoint whose scores the thresholds were fitted to;
+``prf score`` warns (``CalibrationMismatchWarning``) when it scores that model with another checkpoint,
+since thresholds fitted to one regressor's error scale mean little for another's.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 # torch (2 s), and a thresholds file is checked before anything heavy is loaded
 NUM_KEYPOINTS = 26
 MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,15}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 # Metric column suffix -> (thresholds key, comparison that KEEPS an image, unit).
 METRICS: dict[str, tuple[str, str, str]] = {
     "pa_mpjpe": ("pa_mpjpe_max", "<=", "mm"),
@@ -53,6 +59,10 @@ Number = Annotated[float, Strict()]  # an int or float; never a string or a bool
 
 class ThresholdsError(ValueError):
     """A thresholds file is invalid; the message names the file and the key path (``models.A.pck.min``)."""
+
+
+class CalibrationMismatchWarning(UserWarning):
+    """A model is scored with another checkpoint than the one its thresholds were calibrated for."""
 
 
 class _Strict(BaseModel):
@@ -129,11 +139,19 @@ class ModelThresholds(_Strict):
     """Thresholds of one model; each is optional (null = not checked) but at least one must be set."""
 
     checkpoint: str | None = None
+    calibrated_for_sha256: str | None = None
     pa_mpjpe_max: Number | None = Field(gt=0.0)
     s_mpjpe_max: Number | None = Field(gt=0.0)
     pck: PCKThreshold | None
     max_keypoint_error_max: Number | None = Field(None, gt=0.0)
     max_relative_keypoint_error: RelativeKeypointErrorThreshold | None = None
+
+    @field_validator("calibrated_for_sha256")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is not None and not SHA256_HEX.match(value):
+            raise ValueError(f"must be a sha256 digest (64 lowercase hex digits), got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _something_checked(self) -> ModelThresholds:
@@ -288,6 +306,8 @@ def dump_thresholds(config: ThresholdsConfig, header: str = "") -> str:
         entry: dict[str, Any] = {}
         if model.checkpoint is not None:
             entry["checkpoint"] = model.checkpoint
+        if model.calibrated_for_sha256 is not None:
+            entry["calibrated_for_sha256"] = model.calibrated_for_sha256
         entry["pa_mpjpe_max"] = model.pa_mpjpe_max
         entry["s_mpjpe_max"] = model.s_mpjpe_max
         entry["pck"] = model.pck.model_dump() if model.pck is not None else None
@@ -308,3 +328,20 @@ def dump_thresholds(config: ThresholdsConfig, header: str = "") -> str:
     text = comments + body
     parse_thresholds(text)  # what we write must load
     return text
+
+
+def calibration_mismatches(thresholds: ThresholdsFile, hashes: dict[str, str]) -> list[str]:
+    """One message per model whose ``calibrated_for_sha256`` is set and differs from ``hashes[name]`` (the
+    sha256 of the checkpoint about to score it); models without the key are not checked."""
+    where = thresholds.path or "the thresholds file"
+    messages = []
+    for name, model in thresholds.config.models.items():
+        expected, actual = model.calibrated_for_sha256, hashes.get(name)
+        if expected is not None and actual is not None and actual != expected:
+            messages.append(
+                f"model {name}: {where} was calibrated for checkpoint sha256 {expected[:12]}... "
+                f"(models.{name}.calibrated_for_sha256) but the checkpoint given has sha256 "
+                f"{actual[:12]}...; its verdicts may mean little. Calibrate thresholds for this checkpoint "
+                "(prf calibrate), or delete the key to use them anyway"
+            )
+    return messages
