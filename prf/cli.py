@@ -14,6 +14,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="prf",
@@ -40,7 +41,7 @@ def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
 
     def showwarning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
         if issubclass(category, CalibrationMismatchWarning):
-            console.print(f"[bold yellow]warning:[/] {message}", highlight=False, markup=True)
+            console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, markup=True)
         else:
             show(message, category, *args, **kwargs)
 
@@ -58,7 +59,7 @@ def friendly_errors(func: F) -> F:
                 warnings.showwarning = _one_line_warnings(warnings.showwarning)
                 return func(*args, **kwargs)
         except (UserError, FileNotFoundError, ValueError) as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]

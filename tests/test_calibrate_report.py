@@ -241,3 +241,13 @@ def test_cli_calibrate_and_report_and_friendly_errors(scored: tuple[Env, Path], 
     assert result.exit_code == 2 and "models.A.pck.extra: unknown key" in text and "Traceback" not in text
     result = runner.invoke(app, ["calibrate", str(tmp_path / "none.parquet"), "--labels", str(env.batch)])
     assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split())
+
+
+def test_friendly_errors_keep_square_brackets_in_paths(tmp_path: Path) -> None:
+    """Rich markup must not eat a folder named like a style tag ("[run1]") in the one-line error."""
+    bad = tmp_path / "[run1]" / "th.yaml"
+    bad.parent.mkdir()
+    bad.write_text(LOOSE.replace("min: 0}", "min: 0, extra: 1}"))
+    result = CliRunner().invoke(make_app(), ["score", str(tmp_path), "--thresholds", str(bad)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "[run1]" in text and "models.A.pck.extra: unknown key" in text
