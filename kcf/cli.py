@@ -160,4 +160,4 @@ def print_summary(result: KCFResult, console: Console | None = None) -> None:
         for image_id, reason in zip(errors["image_id"], errors["reason"], strict=True):
             listing.add_row(image_id, reason)
         console.print(listing)
-    console.print(f"keep list: {result.keep_file}   reject list: {result.reject_file}")
+    console.print(f"keep list: {result.keep_file}   reject list: {result.reject_file}", markup=False)

@@ -108,7 +108,7 @@ def body(
     from prf.body_preview import render_body_sheet
 
     path = render_body_sheet(out, smal=smal, family_data=family_data, family=family, size=size, seed=seed)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
 
 
 @app.command()
@@ -234,7 +234,7 @@ def train(
     }
     items = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     export = run_train(stage, data, config, init, arch, run_dir, parse_overrides(items), val_data=val)
-    console.print(f"wrote {export}")
+    console.print(f"wrote {export}", markup=False)
 
 
 @app.command()
@@ -282,7 +282,7 @@ def batch_sheet(
     from generation.sheet import write_contact_sheet
 
     path = write_contact_sheet(batch, out or batch / "sheet.png", limit=limit)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
 
 
 @batch_app.command("finalize")
@@ -292,7 +292,7 @@ def batch_finalize(batch: Annotated[Path, typer.Argument(help="BATCH folder.")])
     from generation.multi_device import finalize_batch
 
     manifest = finalize_batch(batch)
-    console.print(f"{batch}: manifest.parquet lists {len(manifest)} images")
+    console.print(f"{batch}: manifest.parquet lists {len(manifest)} images", markup=False)
 
 
 def _register_commands() -> None:

@@ -119,7 +119,7 @@ def _score(
         )  # fmt: skip
     console = Console()
     console.print(summary.renderable())
-    console.print(f"wrote {out}, {summary.keep_list}, {summary.reject_list}")
+    console.print(f"wrote {out}, {summary.keep_list}, {summary.reject_list}", markup=False)
 
 
 def calibrate(
@@ -193,7 +193,7 @@ def _calibrate(
     )
     console = Console()
     console.print(result.renderable())
-    console.print(f"wrote {result.out} and {result.plot}")
+    console.print(f"wrote {result.out} and {result.plot}", markup=False)
 
 
 def report(

@@ -251,3 +251,12 @@ def test_friendly_errors_keep_square_brackets_in_paths(tmp_path: Path) -> None:
     result = CliRunner().invoke(make_app(), ["score", str(tmp_path), "--thresholds", str(bad)])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "[run1]" in text and "models.A.pck.extra: unknown key" in text
+    scores = bad.parent / "scores.parquet"  # and the "wrote ..." line of a command that succeeds
+    failure = synthetic_scores(scores)
+    labels = bad.parent / "labels.csv"
+    pd.DataFrame({"image_id": [f"im{i:04d}" for i in range(len(failure))], "keep": ~failure}).to_csv(labels)
+    out = bad.parent / "th_new.yaml"
+    args = ["calibrate", str(scores), "--labels", str(labels), "--out", str(out)]
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 0, result.output
+    assert str(out) in "".join(result.output.split())  # however Rich wrapped it (tmp paths have no spaces)
