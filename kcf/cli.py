@@ -146,6 +146,7 @@ def print_summary(result: KCFResult, console: Console | None = None) -> None:
     """Print a KCF run's summary as a rich table, with the first error rows."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console(stderr=True)
     table = Table(title=f"prf kcf: {result.out}", show_header=False)
@@ -158,6 +159,6 @@ def print_summary(result: KCFResult, console: Console | None = None) -> None:
         listing.add_column("image_id")
         listing.add_column("reason", overflow="fold")
         for image_id, reason in zip(errors["image_id"], errors["reason"], strict=True):
-            listing.add_row(image_id, reason)
+            listing.add_row(Text(str(image_id)), Text(str(reason)))  # a path may look like a Rich tag
         console.print(listing)
     console.print(f"keep list: {result.keep_file}   reject list: {result.reject_file}", markup=False)

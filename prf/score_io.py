@@ -400,6 +400,7 @@ class ScoreSummary:
         """A rich Group of tables: verdicts, reject reasons by model and threshold, agreement, errors."""
         from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
         main = Table(title=f"prf score: {self.out}", show_header=False)
         main.add_row("images", str(self.total))
@@ -428,8 +429,8 @@ class ScoreSummary:
             errors = Table(title=f"errors (first {len(self.errors)} of {self.errored})")
             errors.add_column("image_id")
             errors.add_column("reason", overflow="fold")
-            for image_id, reason in self.errors:
-                errors.add_row(image_id, reason)
+            for image_id, reason in self.errors:  # Text: a path in a reason may look like a Rich tag
+                errors.add_row(Text(image_id), Text(reason))
             parts.append(errors)
         return Group(*parts)
 

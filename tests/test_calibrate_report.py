@@ -260,3 +260,15 @@ def test_friendly_errors_keep_square_brackets_in_paths(tmp_path: Path) -> None:
     result = CliRunner().invoke(make_app(), args)
     assert result.exit_code == 0, result.output
     assert str(out) in "".join(result.output.split())  # however Rich wrapped it (tmp paths have no spaces)
+
+
+def test_summary_error_rows_keep_square_brackets() -> None:
+    from rich.console import Console
+
+    from prf.score_io import ScoreSummary
+
+    summary = ScoreSummary(Path("s.parquet"), ["A"], "all", total=1, errored=1,
+                           errors=[("im0", "runs/[run1]/im0.png: unreadable image")])  # fmt: skip
+    console = Console(record=True, width=200)
+    console.print(summary.renderable())
+    assert "runs/[run1]/im0.png: unreadable image" in console.export_text()
