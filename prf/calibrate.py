@@ -59,6 +59,7 @@ from prf.thresholds import (
     PCKThreshold,
     RelativeKeypointErrorThreshold,
     ThresholdsConfig,
+    checkpoint_mismatches,
     dump_thresholds,
 )
 
@@ -348,6 +349,11 @@ def check_labels_belong(labels: str | os.PathLike[str], provenance: dict[str, An
         )
 
 
+def _checkpoint_hashes(provenance: dict[str, Any]) -> dict[str, str]:
+    """Model name -> sha256 of the checkpoint that made a SCORES file (its provenance)."""
+    return {m["name"]: m["sha256"] for m in provenance["models"]}
+
+
 def _load_table(scores: Path, names: list[str], metrics: list[str]) -> pd.DataFrame:
     columns = ["image_id", "status"]
     for name in names:
@@ -423,15 +429,13 @@ def evaluate_thresholds(
         raise ValueError(
             f"{scores} was scored with models {source.model_names()}, the thresholds are for {names}"
         )
-    hashes = {m["name"]: m["sha256"] for m in provenance["models"]}
-    for name in names:
-        expected = config.models[name].calibrated_for_sha256
-        if expected is not None and hashes.get(name) != expected:
-            raise ValueError(
-                f"{scores}: model {name} was scored with checkpoint sha256 {str(hashes.get(name))[:12]}..., "
-                f"the thresholds were calibrated for {expected[:12]}...; score the check set with the same "
-                "checkpoints"
-            )
+    mismatched = checkpoint_mismatches(config, _checkpoint_hashes(provenance))
+    if mismatched:  # named by the first such model
+        name, (expected, actual) = next(iter(mismatched.items()))
+        raise ValueError(
+            f"{scores}: model {name} was scored with checkpoint sha256 {str(actual)[:12]}..., the thresholds "
+            f"were calibrated for {expected[:12]}...; score the check set with the same checkpoints"
+        )
     for name in names:
         wanted, made = config.models[name], source.models[name].pck_settings
         if wanted.pck is not None and (wanted.pck.alpha, wanted.pck.normalization) != (
@@ -546,8 +550,7 @@ def calibrate(
         )
         described = f"kept images >= {goal:g} faithful"
     search.give_every_model_a_threshold()
-    hashes = {m["name"]: m["sha256"] for m in provenance["models"]}
-    config = _to_config(search, source, list(metrics), scales, hashes)
+    config = _to_config(search, source, list(metrics), scales, _checkpoint_hashes(provenance))
     keep = search.keep()
     final = {k: float(v[0]) for k, v in _quality(keep[:, None], failure).items()}
     result = CalibrationResult(

@@ -330,18 +330,27 @@ def dump_thresholds(config: ThresholdsConfig, header: str = "") -> str:
     return text
 
 
-def calibration_mismatches(thresholds: ThresholdsFile, hashes: dict[str, str]) -> list[str]:
-    """One message per model whose ``calibrated_for_sha256`` is set and differs from ``hashes[name]`` (the
-    sha256 of the checkpoint about to score it); models without the key are not checked."""
-    where = thresholds.path or "the thresholds file"
-    messages = []
-    for name, model in thresholds.config.models.items():
+def checkpoint_mismatches(
+    config: ThresholdsConfig, hashes: dict[str, str]
+) -> dict[str, tuple[str, str | None]]:
+    """Model name -> (its ``calibrated_for_sha256``, ``hashes.get(name)``) for every model whose key is set
+    and differs from the sha256 of the checkpoint that scores (or scored) it, in model order; a model
+    missing from ``hashes`` differs. Models without the key pass."""
+    out = {}
+    for name, model in config.models.items():
         expected, actual = model.calibrated_for_sha256, hashes.get(name)
-        if expected is not None and actual is not None and actual != expected:
-            messages.append(
-                f"model {name}: {where} was calibrated for checkpoint sha256 {expected[:12]}... "
-                f"(models.{name}.calibrated_for_sha256) but the checkpoint given has sha256 "
-                f"{actual[:12]}...; its verdicts may mean little. Calibrate thresholds for this checkpoint "
-                "(prf calibrate), or delete the key to use them anyway"
-            )
-    return messages
+        if expected is not None and actual != expected:
+            out[name] = (expected, actual)
+    return out
+
+
+def calibration_mismatches(thresholds: ThresholdsFile, hashes: dict[str, str]) -> list[str]:
+    """``checkpoint_mismatches`` as one message per model, for the warning ``prf score`` gives."""
+    where = thresholds.path or "the thresholds file"
+    return [
+        f"model {name}: {where} was calibrated for checkpoint sha256 {expected[:12]}... "
+        f"(models.{name}.calibrated_for_sha256) but the checkpoint given has sha256 "
+        f"{str(actual)[:12]}...; its verdicts may mean little. Calibrate thresholds for this checkpoint "
+        "(prf calibrate), or delete the key to use them anyway"
+        for name, (expected, actual) in checkpoint_mismatches(thresholds.config, hashes).items()
+    ]
