@@ -65,6 +65,13 @@ def synthetic_scores(path: Path, n: int = 300, seed: int = 0, failure_rate: floa
     return failure
 
 
+def labels_csv(path: Path, failure: np.ndarray) -> Path:
+    """A labels CSV for the ``im0000``, ``im0001``, ... rows of a synthetic SCORES file: keep 1 / 0."""
+    ids = [f"im{i:04d}" for i in range(len(failure))]
+    pd.DataFrame({"image_id": ids, "keep": (~failure).astype(int)}).to_csv(path, index=False)
+    return path
+
+
 def apply_thresholds(path: Path, scores: pd.DataFrame) -> np.ndarray:
     """Final keep verdicts of a thresholds file on a scores table (ok rows)."""
     config = load_thresholds(path).config
@@ -252,9 +259,7 @@ def test_friendly_errors_keep_square_brackets_in_paths(tmp_path: Path) -> None:
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "[run1]" in text and "models.A.pck.extra: unknown key" in text
     scores = bad.parent / "scores.parquet"  # and the "wrote ..." line of a command that succeeds
-    failure = synthetic_scores(scores)
-    labels = bad.parent / "labels.csv"
-    pd.DataFrame({"image_id": [f"im{i:04d}" for i in range(len(failure))], "keep": ~failure}).to_csv(labels)
+    labels = labels_csv(bad.parent / "labels.csv", synthetic_scores(scores))
     out = bad.parent / "th_new.yaml"
     args = ["calibrate", str(scores), "--labels", str(labels), "--out", str(out)]
     result = CliRunner().invoke(make_app(), args)

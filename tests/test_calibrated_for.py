@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from test_calibrate_report import make_app, synthetic_scores
+from test_calibrate_report import labels_csv, make_app, synthetic_scores
 from test_score import Env, make_env, save_tiny_checkpoint
 from typer.testing import CliRunner
 
@@ -54,11 +54,7 @@ def test_mismatches_name_only_the_models_that_differ() -> None:
 
 def test_calibrate_writes_the_sha256_of_the_scored_checkpoints(tmp_path: Path) -> None:
     scores = tmp_path / "scores.parquet"
-    failure = synthetic_scores(scores)  # its provenance: A "a" * 64, B "b" * 64
-    labels = tmp_path / "labels.csv"
-    labels.write_text(
-        "image_id,keep\n" + "".join(f"im{i:04d},{0 if f else 1}\n" for i, f in enumerate(failure))
-    )
+    labels = labels_csv(tmp_path / "labels.csv", synthetic_scores(scores))  # provenance: A "a"*64, B "b"*64
     result = calibrate(scores, labels, out=tmp_path / "th.yaml")
     written = load_thresholds(tmp_path / "th.yaml").config
     for config in (result.config, written):

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_calibrate_report import labels_csv
 from test_score import Env, make_env, oracle_regressor
 
 import prf.score as score_module
@@ -227,9 +228,7 @@ def synthetic_keypoint_scores(path: Path, n: int = 400, seed: int = 0) -> np.nda
 def test_calibrate_finds_what_only_the_relative_error_separates(tmp_path: Path) -> None:
     scores = tmp_path / "scores.parquet"
     failure = synthetic_keypoint_scores(scores)
-    labels = tmp_path / "labels.csv"
-    ids = [f"im{i:04d}" for i in range(len(failure))]
-    pd.DataFrame({"image_id": ids, "keep": (~failure).astype(int)}).to_csv(labels, index=False)
+    labels = labels_csv(tmp_path / "labels.csv", failure)
     plain = calibrate(scores, labels, out=tmp_path / "plain.yaml", metrics=["max_kp_error"])
     relative = calibrate(scores, labels, out=tmp_path / "relative.yaml", metrics=["max_rel_kp_error"])
     assert plain.f1 < 0.8 and relative.f1 == 1.0 and relative.mcc == 1.0 and plain.mcc < 0.8
@@ -267,12 +266,6 @@ def test_older_scores_without_the_new_columns_still_merge_report_and_explain(tmp
     pd.DataFrame({"image_id": old.column("image_id").to_pylist(), "keep": 1}).to_csv(labels, index=False)
     with pytest.raises(ValueError, match=r"A_keypoint_errors.*score again"):
         calibrate(old_path, labels, out=tmp_path / "th.yaml", metrics=["max_rel_kp_error"])
-
-
-def labels_csv(path: Path, failure: np.ndarray) -> Path:
-    ids = [f"im{i:04d}" for i in range(len(failure))]
-    pd.DataFrame({"image_id": ids, "keep": (~failure).astype(int)}).to_csv(path, index=False)
-    return path
 
 
 def test_calibrate_judges_its_thresholds_on_a_check_set_it_never_fits(tmp_path: Path) -> None:
