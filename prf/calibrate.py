@@ -34,7 +34,11 @@ the written thresholds mean the same thing as the columns they were chosen on.
 SCORES column: its per-keypoint scales are measured first, as each keypoint's median error (the SCORES'
 ``<M>_keypoint_errors``) over the labelled FAITHFUL images, then every image's largest scaled error is
 searched like any other metric, and the scales are written next to the chosen maximum. A keypoint seen on
-fewer than ``MIN_SCALE_IMAGES`` faithful images takes the median of the other keypoints' scales.
+fewer than ``MIN_SCALE_IMAGES`` faithful images takes the median of the other keypoints' scales. Where
+the SCORES hold the flip test's per-keypoint disagreement (``<M>_keypoint_flip_gaps``), the scale of
+keypoint n on an image is widened to ``scales[n] + w * gap_n``, with the weight w chosen among
+``FLIP_WEIGHTS`` as the one whose largest scaled error best separates failures from faithful images
+(AUROC on these labelled images; ties go to the smaller weight, 0 = not widened).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ MAX_CANDIDATES = 256
 MAX_SWEEPS = 12
 MIN_SCALE_IMAGES = 20  # faithful images that must show a keypoint for its own scale (module docstring)
 RELATIVE = "max_rel_kp_error"
+FLIP_WEIGHTS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0)  # candidates for max_relative_keypoint_error.flip_weight
 OBJECTIVES = {"f1": "best F1 of rejects", "mcc": "best Matthews correlation of rejects with failures"}
 _TRUE = {"1", "keep", "true", "yes", "kept", "ok"}
 _FALSE = {"0", "reject", "false", "no", "rejected", "failure"}
@@ -355,10 +360,13 @@ def _checkpoint_hashes(provenance: dict[str, Any]) -> dict[str, str]:
 
 
 def _load_table(scores: Path, names: list[str], metrics: list[str]) -> pd.DataFrame:
+    """The SCORES' columns that ``metrics`` need (``max_rel_kp_error``: the per-keypoint errors, and the
+    flip gaps where the file has them), with image_id and status."""
     columns = ["image_id", "status"]
     for name in names:
         columns += [f"{name}_{m}" if m != RELATIVE else f"{name}_keypoint_errors" for m in metrics]
-    missing = [c for c in columns if c not in pq.read_schema(scores).names]
+    available = pq.read_schema(scores).names
+    missing = [c for c in columns if c not in available]
     if missing:
         hint = (
             " (a prf older than --metric max_rel_kp_error wrote no per-keypoint errors: score again)"
@@ -366,6 +374,8 @@ def _load_table(scores: Path, names: list[str], metrics: list[str]) -> pd.DataFr
             else "; was it written by prf score?"
         )
         raise ValueError(f"{scores} lacks the columns {missing}{hint}")
+    if RELATIVE in metrics:  # optional: files from a prf before them, or models without a flip test
+        columns += [c for name in names if (c := f"{name}_keypoint_flip_gaps") in available]
     return pq.read_table(scores, columns=columns).to_pandas()
 
 
@@ -388,23 +398,54 @@ def keypoint_error_scales(errors: np.ndarray, faithful: np.ndarray) -> np.ndarra
     return np.array([float(f"{v:.4g}") for v in np.maximum(scales, 1e-6)])
 
 
-def _keypoint_errors(table: pd.DataFrame, name: str) -> np.ndarray:
-    """Model ``name``'s ``<name>_keypoint_errors`` (N rows of K floats, or null) -> (N, K) float64, null
-    rows NaN."""
-    column = table[f"{name}_keypoint_errors"]
-    rows = [np.asarray(v, dtype=float) if v is not None else np.full(NUM_KEYPOINTS, np.nan) for v in column]
+def _per_keypoint(table: pd.DataFrame, column: str) -> np.ndarray:
+    """A list column of K floats per row (or null) -> (N, K) float64, null rows (and a missing column)
+    NaN."""
+    if column not in table.columns:
+        return np.full((len(table), NUM_KEYPOINTS), np.nan)
+    rows = [np.asarray(v, dtype=float) if v is not None else np.full(NUM_KEYPOINTS, np.nan)
+            for v in table[column]]  # fmt: skip
     matrix = np.stack(rows) if rows else np.zeros((0, NUM_KEYPOINTS))
     if matrix.shape[1:] != (NUM_KEYPOINTS,):
-        raise ValueError(f"{column.name}: expected {NUM_KEYPOINTS} values per row, got shape {matrix.shape}")
+        raise ValueError(f"{column}: expected {NUM_KEYPOINTS} values per row, got shape {matrix.shape}")
     return matrix
 
 
-def relative_errors(errors: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """(N, K) errors, (K,) scales -> (N,) largest scaled error per image, NaN where none is defined."""
-    scaled = errors / scales[None, :]
+def _keypoint_errors(table: pd.DataFrame, name: str) -> np.ndarray:
+    """Model ``name``'s ``<name>_keypoint_errors`` -> (N, K) float64, null rows NaN."""
+    return _per_keypoint(table, f"{name}_keypoint_errors")
+
+
+def _flip_gaps(table: pd.DataFrame, name: str) -> np.ndarray:
+    """Model ``name``'s ``<name>_keypoint_flip_gaps`` -> (N, K) float64; NaN rows where there are none."""
+    return _per_keypoint(table, f"{name}_keypoint_flip_gaps")
+
+
+def relative_errors(
+    errors: np.ndarray, scales: np.ndarray, gaps: np.ndarray | None = None, flip_weight: float = 0.0
+) -> np.ndarray:
+    """(N, K) errors, (K,) scales [, (N, K) flip gaps and their weight] -> (N,) largest scaled error per
+    image, ``max_n e_n / (scales[n] + flip_weight * g_n)``; NaN where none is defined."""
+    widened = scales[None, :] if not flip_weight else scales[None, :] + flip_weight * gaps
+    scaled = errors / widened
     finite = np.isfinite(scaled)
     largest = np.where(finite, scaled, -np.inf).max(axis=1, initial=-np.inf)
     return np.where(finite.any(axis=1), largest, np.nan)
+
+
+def choose_flip_weight(
+    errors: np.ndarray, scales: np.ndarray, gaps: np.ndarray, failure: np.ndarray
+) -> float:
+    """The ``FLIP_WEIGHTS`` entry whose relative error has the best AUROC for ``failure`` (module
+    docstring); 0 when some image has no flip gaps (a model without a flip test, an older SCORES file)."""
+    if not np.isfinite(gaps).all():
+        return 0.0
+    best, best_auroc = 0.0, -1.0
+    for weight in FLIP_WEIGHTS:
+        curve = _curve(relative_errors(errors, scales, gaps, weight), failure)
+        if curve is not None and curve.auroc > best_auroc + 1e-9:
+            best, best_auroc = weight, curve.auroc
+    return best
 
 
 def evaluate_thresholds(
@@ -458,9 +499,19 @@ def evaluate_thresholds(
         model = config.models[name]
         ok = np.ones(failure.shape, dtype=bool)
         for check in model.checks():
-            if check.metric == RELATIVE and model.max_relative_keypoint_error is not None:
-                scales = np.asarray(model.max_relative_keypoint_error.scales)
-                values = relative_errors(_keypoint_errors(table, name), scales)
+            relative = model.max_relative_keypoint_error
+            if check.metric == RELATIVE and relative is not None:
+                gaps = _flip_gaps(table, name)
+                if relative.flip_weight and not np.isfinite(gaps).all():
+                    raise ValueError(
+                        f"{scores}: the thresholds widen {name}'s keypoint scales by the flip test's "
+                        f"disagreement (flip_weight {relative.flip_weight:g}), but {name}_keypoint_flip_gaps "
+                        "is missing or null on some rows; score the check set with this prf and a "
+                        "checkpoint that has a flip test"
+                    )
+                values = relative_errors(
+                    _keypoint_errors(table, name), np.asarray(relative.scales), gaps, relative.flip_weight
+                )
             else:
                 values = table[f"{name}_{check.metric}"].to_numpy(dtype=float)
             # the search's own verdict (NaN fails), vectorised: the same as Check.passes per value
@@ -528,13 +579,15 @@ def calibrate(
             f"{int((~failure).sum())} faithful among {len(table)} scored images with a label"
         )
     scales: dict[str, np.ndarray] = {}
+    flip_weights: dict[str, float] = {}
     bad = {}
     for name in names:
         for m in metrics:
-            if m == RELATIVE:  # the scales first, from this table's faithful images
-                errors = _keypoint_errors(table, name)
+            if m == RELATIVE:  # the scales and flip weight first, from this table's labelled images
+                errors, gaps = _keypoint_errors(table, name), _flip_gaps(table, name)
                 scales[name] = keypoint_error_scales(errors, ~failure)
-                bad[(name, m)] = relative_errors(errors, scales[name])
+                flip_weights[name] = choose_flip_weight(errors, scales[name], gaps, failure)
+                bad[(name, m)] = relative_errors(errors, scales[name], gaps, flip_weights[name])
             else:
                 bad[(name, m)] = _badness(table[f"{name}_{m}"].to_numpy(dtype=float), m)
     search = _Search(bad, failure, source.combine)
@@ -550,7 +603,7 @@ def calibrate(
         )
         described = f"kept images >= {goal:g} faithful"
     search.give_every_model_a_threshold()
-    config = _to_config(search, source, list(metrics), scales, _checkpoint_hashes(provenance))
+    config = _to_config(search, source, list(metrics), scales, flip_weights, _checkpoint_hashes(provenance))
     keep = search.keep()
     final = {k: float(v[0]) for k, v in _quality(keep[:, None], failure).items()}
     result = CalibrationResult(
@@ -609,10 +662,12 @@ def _to_config(
     source: ThresholdsConfig,
     metrics: list[str],
     scales: dict[str, np.ndarray],
+    flip_weights: dict[str, float],
     hashes: dict[str, str],
 ) -> ThresholdsConfig:
-    """The chosen limits as a config (rounded between observed values; ``scales``: model -> the keypoint
-    error scales measured for ``max_rel_kp_error``, written with its maximum; ``hashes``: model -> the
+    """The chosen limits as a config (rounded between observed values; ``scales``, ``flip_weights``:
+    model -> the keypoint error scales and flip weight chosen for ``max_rel_kp_error``, written with its
+    maximum; ``hashes``: model -> the
     sha256 of the checkpoint that made the SCORES, written as ``calibrated_for_sha256``)."""
     models = {}
     for name, original in source.models.items():
@@ -633,7 +688,9 @@ def _to_config(
             pck = PCKThreshold(alpha=settings.alpha, normalization=settings.normalization, min=value["pck"])
         relative = None
         if value.get(RELATIVE) is not None:
-            relative = RelativeKeypointErrorThreshold(max=value[RELATIVE], scales=scales[name].tolist())
+            relative = RelativeKeypointErrorThreshold(
+                max=value[RELATIVE], scales=scales[name].tolist(), flip_weight=flip_weights[name]
+            )
         models[name] = ModelThresholds(
             checkpoint=original.checkpoint,
             calibrated_for_sha256=hashes.get(name),
@@ -656,7 +713,8 @@ def _header(result: CalibrationResult, scores: Path, provenance: dict[str, Any])
         "Valid for the checkpoints "
         f"scored: {checkpoints}.\n"
         "Units: mm for the MPJPEs, percent for pck.min, sqrt(mask area) for max_keypoint_error_max and for "
-        "max_relative_keypoint_error.scales, whose max is in multiples of each keypoint's scale."
+        "max_relative_keypoint_error.scales, whose max is in multiples of each keypoint's scale (widened by "
+        "flip_weight x the flip test's disagreement on that keypoint, same unit)."
     )
     return "\n".join(textwrap.fill(line, 100) for line in text.splitlines())
 

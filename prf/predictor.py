@@ -43,6 +43,9 @@ from prf.checkpoint import build_net_from_export, check_layout, load_export, sha
 from prf.data.transforms import crop_camera, crop_image, from_normalised, normalise_image
 from prf.models.inference import DENSE_OUTPUTS, image_keypoints, keypoint_only_smal, run_regressor
 
+# run_regressor outputs that Prediction does not carry (keypoints_2d_image is the one it reports)
+_SCORING_ONLY = ("keypoints_2d_detected", "keypoints_2d_flip_gap")
+
 
 @dataclass
 class Prediction:
@@ -170,7 +173,7 @@ class Predictor:
                 {
                     k: v.cpu()
                     for k, v in out.items()
-                    if v is not None and k not in (*DENSE_OUTPUTS, "keypoints_2d_detected")
+                    if v is not None and k not in (*DENSE_OUTPUTS, *_SCORING_ONLY)
                 }
             )
         if not parts:

@@ -211,14 +211,14 @@ def _model_metrics(model: ScoringModel, rows: dict[str, Any], amp: bool) -> dict
         norm = size if settings.normalization == "mask_area" else metrics.bbox_normalizer(bbox)
         errors = metrics.per_keypoint_errors(pred2d, target2d) / size[:, None]  # (B, K), sqrt(A) units
         errors = errors.masked_fill(~visible, math.nan)
+        flip_gaps = _flip_gaps(pred.get("keypoints_2d_flip_gap"), rows["affines"][model.crop_index],
+                               predictor.input_size, size)  # fmt: skip
         relative = model.thresholds.max_relative_keypoint_error
         if relative is not None:
             scales = torch.tensor(relative.scales, dtype=dtype, device=size.device)
-            max_relative = metrics.max_keypoint_error(
-                pred2d / scales[:, None], target2d / scales[:, None], visible
-            )
-            max_relative = max_relative / size
-            worst_relative = (errors / scales).nan_to_num(-1.0).argmax(dim=1)
+            if relative.flip_weight > 0:  # load_models made sure the gaps exist
+                scales = scales + relative.flip_weight * flip_gaps
+            max_relative, worst_relative = _largest(errors / scales)
         else:
             max_relative = torch.full_like(size, math.nan)
             worst_relative = torch.zeros_like(size, dtype=torch.long)
@@ -230,10 +230,29 @@ def _model_metrics(model: ScoringModel, rows: dict[str, Any], amp: bool) -> dict
             "max_rel_kp_error": max_relative,
             "keypoints_2d": pred2d,
             "keypoint_errors": errors,
+            "keypoint_flip_gaps": flip_gaps,
             # which keypoint each maximum is at: named in the reject reason
             "max_kp_error_at": errors.nan_to_num(-1.0).argmax(dim=1),
             "max_rel_kp_error_at": worst_relative,
         }
+
+
+def _flip_gaps(gap: Tensor | None, affines: Tensor, input_size: int, size: Tensor) -> Tensor:
+    """Flip test's per-keypoint disagreement in sqrt(mask area) units, (B, K): ``run_regressor``'s
+    ``keypoints_2d_flip_gap`` (B, K, 2), normalised crop coordinates, taken to image pixels through the
+    (B, 2, 3) image -> crop affines and divided by the (B,) ``size``; all NaN without a flip test."""
+    if gap is None:
+        return size.new_full((size.shape[0], len(KEYPOINT_NAMES)), math.nan)
+    crop_pixels = gap.to(size.dtype) * (input_size / 2.0)  # a difference: from_normalised's offset cancels
+    image_pixels = torch.linalg.solve(affines[:, None, :, :2], crop_pixels[..., None])[..., 0]
+    return image_pixels.norm(dim=-1) / size[:, None]
+
+
+def _largest(values: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, K) -> the (B,) largest finite value per row (NaN where none is) and its (B,) index."""
+    finite = torch.isfinite(values)
+    largest, at = values.masked_fill(~finite, -math.inf).max(dim=1)
+    return torch.where(finite.any(dim=1), largest, math.nan), at
 
 
 def score_batch(
@@ -269,6 +288,7 @@ def score_batch(
             row.update({f"{m.name}_keep": None for m in models})
             row.update({f"{m.name}_keypoints_2d": None for m in models}, keypoints_2d=None)
             row.update({f"{m.name}_keypoint_errors": None for m in models})
+            row.update({f"{m.name}_keypoint_flip_gaps": None for m in models})
         else:
             k, reasons, verdicts = position[i], [], []
             for model in models:
@@ -283,6 +303,8 @@ def score_batch(
                 row[f"{model.name}_keep"] = not failed
                 row[f"{model.name}_keypoints_2d"] = [v for point in got["keypoints_2d"][k] for v in point]
                 row[f"{model.name}_keypoint_errors"] = got["keypoint_errors"][k]
+                gaps = got["keypoint_flip_gaps"][k]
+                row[f"{model.name}_keypoint_flip_gaps"] = None if math.isnan(gaps[0]) else gaps
                 verdicts.append(not failed)
                 if failed:
                     reasons.append(f"{model.name}: {', '.join(failed)}")
@@ -319,7 +341,16 @@ def load_models(
         spec = CropSpec(predictor.input_size, predictor.crop_scale, predictor.mean, predictor.std)
         if spec not in specs:
             specs.append(spec)
-        models.append(ScoringModel(name, predictor, thresholds.config.models[name], specs.index(spec), path))
+        model_thresholds = thresholds.config.models[name]
+        relative = model_thresholds.max_relative_keypoint_error
+        if relative is not None and relative.flip_weight > 0 and not predictor.flip_test:
+            raise ValueError(
+                f"{thresholds.path or 'the thresholds file'}: models.{name}.max_relative_keypoint_error."
+                f"flip_weight is {relative.flip_weight:g}, which needs the flip test's keypoint "
+                f"disagreement, but checkpoint {path} runs without a flip test (no keypoint heatmap "
+                "head); set it to 0"
+            )
+        models.append(ScoringModel(name, predictor, model_thresholds, specs.index(spec), path))
     return models, specs
 
 

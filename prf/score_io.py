@@ -66,6 +66,7 @@ def scores_schema(model_names: Sequence[str]) -> pa.Schema:
     fields += [(f"{name}_keypoints_2d", pa.list_(pa.float32())) for name in model_names]
     fields.append(("keypoints_2d", pa.list_(pa.float32())))
     fields += [(f"{name}_keypoint_errors", pa.list_(pa.float32())) for name in model_names]
+    fields += [(f"{name}_keypoint_flip_gaps", pa.list_(pa.float32())) for name in model_names]
     return pa.schema(fields)
 
 

@@ -3,7 +3,8 @@
 Units: PA-MPJPE and S-MPJPE in "mm" (SMAL units x 1000), PCK ``min`` in PERCENT (the paper's 95.83), the
 optional ``max_keypoint_error_max`` in units of sqrt(silhouette area) (image pixels / sqrt(mask area in
 pixels^2)), the optional ``max_relative_keypoint_error.max`` in multiples of each keypoint's own ``scales``
-entry (that keypoint's typical error on faithful images, sqrt(mask area) units, from ``prf calibrate``).
+entry (that keypoint's typical error on faithful images, sqrt(mask area) units, from ``prf calibrate``),
+widened where the model's flip test disagrees with itself (``flip_weight``, unitless).
 Every key is checked (unknown keys, wrong types, missing sections are errors that name the file and the
 dotted key path) when the file is loaded, which ``prf score`` does before any model is loaded.
 
@@ -18,7 +19,8 @@ Example (docs/thresholds.md has the full reference)::
         s_mpjpe_max: 499.99                      # mm, or null
         pck: {alpha: 0.15, normalization: mask_area, min: 95.83}   # min in %, or pck: null
         max_keypoint_error_max: null             # sqrt(mask area) units, or null (default: off)
-        max_relative_keypoint_error: null        # {max: 4.1, scales: [26 numbers]}, or null (default)
+        max_relative_keypoint_error: null        # {max: 4.1, scales: [26 numbers], flip_weight: 0.25},
+                                                 # or null (default)
       B: {...}
 
 ``calibrated_for_sha256`` (64 hex digits) names the checkpoint whose scores the thresholds were fitted to;
@@ -91,17 +93,22 @@ class PCKThreshold(_Strict):
 
 
 class RelativeKeypointErrorThreshold(_Strict):
-    """The largest 2D keypoint error with each keypoint measured against its own typical error.
+    """The largest 2D keypoint error with each keypoint measured against its own expected error.
 
-    ``max_n e_n / scales[n]`` over the visible keypoints n, where ``e_n`` is keypoint n's error in sqrt(mask
-    area) units (the ``max_kp_error`` unit) and ``scales[n]`` the model's median ``e_n`` on faithful images.
-    A regressor is much less precise on some keypoints (paws, the tail tip) than on others (the neck, the
-    thighs), so one cut for all keypoints either lets a misplaced thigh through or rejects images for an
-    ordinary paw error. ``prf calibrate --metric max_rel_kp_error`` measures the scales and chooses ``max``.
+    ``max_n e_n / (scales[n] + flip_weight * g_n)`` over the visible keypoints n, where ``e_n`` is keypoint
+    n's error in sqrt(mask area) units (the ``max_kp_error`` unit), ``scales[n]`` the model's median ``e_n``
+    on faithful images, and ``g_n`` how far apart the flip test's two passes put keypoint n (same unit; the
+    SCORES' ``<M>_keypoint_flip_gaps``). A regressor is much less precise on some keypoints (paws, the tail
+    tip) than on others (the neck, the thighs), so one cut for all keypoints either lets a misplaced thigh
+    through or rejects images for an ordinary paw error; and where its two passes disagree the network is
+    unsure of that keypoint on this image, so a large error there is less telling than where they agree.
+    ``prf calibrate --metric max_rel_kp_error`` measures the scales, picks ``flip_weight`` (0: off) and
+    chooses ``max``. A positive ``flip_weight`` needs a checkpoint with a flip test (a keypoint head).
     """
 
     max: Number = Field(gt=0.0)
     scales: list[Number] = Field(min_length=NUM_KEYPOINTS, max_length=NUM_KEYPOINTS)
+    flip_weight: Number = Field(0.0, ge=0.0)
 
     @field_validator("scales")
     @classmethod
@@ -315,7 +322,11 @@ def dump_thresholds(config: ThresholdsConfig, header: str = "") -> str:
         if model.max_relative_keypoint_error is not None:
             relative = model.max_relative_keypoint_error
             # the 26 scales as a flow-style list (wrapped at 100 columns) rather than 26 lines
-            entry["max_relative_keypoint_error"] = {"max": relative.max, "scales": _FlowList(relative.scales)}
+            entry["max_relative_keypoint_error"] = {
+                "max": relative.max,
+                "scales": _FlowList(relative.scales),
+                "flip_weight": relative.flip_weight,
+            }
         models[name] = entry
     body = yaml.dump(
         {"version": config.version, "combine": config.combine, "models": models},

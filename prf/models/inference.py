@@ -108,15 +108,19 @@ def run_regressor(
     camera-aligned, ``keypoints_2d`` (B, K, 2) the SMAL keypoints projected into the crop
     (``project_keypoints``), ``keypoints_2d_detected`` (B, K, 2) the keypoint heatmaps' positions or
     None (both normalised crop coordinates; ``image_keypoints`` picks the one PCK is computed on), and
-    ``keypoint_heatmaps`` (B, K, h, w) the unflipped pass's heatmaps or None.
+    ``keypoint_heatmaps`` (B, K, h, w) the unflipped pass's heatmaps or None, and ``keypoints_2d_flip_gap``
+    (B, K, 2) with flip test: the unflipped pass's detections minus the mirrored pass's mapped back (how
+    much the two passes disagree: large where the network is unsure of a keypoint), else None.
     """
     out = net(images)
     posed = body(betas=out.betas, pose=out.pose_rotmat)
     keypoints_3d = posed.keypoints - posed.joints[:, :1]
-    detected = out.keypoints_2d
+    detected, flip_gap = out.keypoints_2d, None
     if flip_test and detected is not None and detected.shape[1] == len(KEYPOINT_FLIP):
         mirrored = net(images.flip(-1)).keypoints_2d[:, list(KEYPOINT_FLIP)]
-        detected = (detected + mirrored * mirrored.new_tensor([-1.0, 1.0])) / 2.0
+        mirrored = mirrored * mirrored.new_tensor([-1.0, 1.0])
+        flip_gap = detected - mirrored
+        detected = (detected + mirrored) / 2.0
     return {
         "pose": out.pose_rotmat,
         "betas": out.betas,
@@ -127,6 +131,7 @@ def run_regressor(
         "keypoints_2d": project_keypoints(keypoints_3d, out.cam, images.shape[-1], crop_cam),
         "keypoints_2d_detected": detected,
         "keypoint_heatmaps": out.keypoint_heatmaps,
+        "keypoints_2d_flip_gap": flip_gap,
     }
 
 
