@@ -77,7 +77,7 @@ def kcf(
     from prf.train import parse_overrides
 
     console = Console(stderr=True)
-    # (Lightning's per-Trainer notices are silenced around each fold: kcf.folds.lightning_info_silenced)
+    # (Lightning's per-Trainer notices are silenced around each fold: prf.lightning_quiet)
     if not input.exists():
         raise FileNotFoundError(f"input {input} does not exist")
     overrides = parse_overrides(set_values or [])

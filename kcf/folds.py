@@ -20,15 +20,12 @@ fold's training from ``last.ckpt``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +42,7 @@ from torch.utils.data import DataLoader, Sampler
 from kcf.data import HEADS, AngleBins, KCFDataset, KCFItem
 from kcf.model import KCFModule, OptimSettings, build_pose_classifier
 from prf.data.io import atomic_write_bytes, atomic_write_json
+from prf.lightning_quiet import lightning_info_silenced
 from prf.train_progress import progress_callbacks
 
 FOLD_COLUMNS = (
@@ -206,31 +204,6 @@ class SaveLastCheckpoint(pl.Callback):
         # Lightning from logging "weights_only was not set" at every epoch
         trainer.save_checkpoint(tmp, weights_only=False)
         os.replace(tmp, self.path)
-
-
-# Lightning's info lines ("GPU available: ...", "TPU available: ...", a logging tip, "max_epochs reached"),
-# printed by every Trainer, and one deprecation warning Lightning's own code raises under this torch
-# ("isinstance(treespec, LeafSpec) is deprecated", once per fold): 2 Trainers x K folds of them would
-# bury KCF's own progress lines, and the user can act on none of them. Other warnings still show.
-_LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
-_LIGHTNING_INTERNAL_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
-
-
-@contextlib.contextmanager
-def lightning_info_silenced() -> Iterator[None]:
-    """Within the block, Lightning's rank-zero INFO messages and its internal pytree deprecation warning
-    are dropped (other warnings and errors are not)."""
-    loggers = [logging.getLogger(name) for name in _LIGHTNING_INFO_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_LIGHTNING_INTERNAL_DEPRECATION)
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _trainer(spec: FoldSpec, fold_dir: Path, extra: Sequence[pl.Callback] = ()) -> pl.Trainer:

@@ -18,17 +18,18 @@ only joins them. Everything before ``trainer.predict`` (planning, loading the mo
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from prf.body.smal import SMAL
+from prf.lightning_quiet import lightning_info_silenced
 from prf.score import (
     RunPlan,
     ScoringModel,
@@ -143,6 +144,14 @@ def score_distributed(
         plan.release()
 
 
+@contextlib.contextmanager
+def _ignoring(message: str) -> Iterator[None]:
+    """Within the block, warnings matching ``message`` are dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=message)
+        yield
+
+
 def _predict(
     plan: RunPlan,
     settings: dict[str, Any],
@@ -154,20 +163,20 @@ def _predict(
 ) -> int:
     """Run Lightning's predict loop over ``plan.todo`` with the Trainer ``settings`` (accelerator,
     devices, num_nodes, strategy); every rank writes its part files. Returns this process's global rank."""
-    if quiet:
-        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
     accelerator = settings["accelerator"]
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     loader = make_loader(plan.todo, specs, scoring[0].predictor.body.num_joints, batch_size, workers, gpu)
-    trainer = pl.Trainer(
-        **settings,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=not quiet,
-        use_distributed_sampler=True,
-    )
-    warnings.filterwarnings("ignore", message=".*predict returned None.*")
-    trainer.predict(ScoreModule(scoring, plan, flush_rows), loader, return_predictions=False)
+    # rows go to part files, so predict_step returns nothing, which Lightning would warn about
+    returns_nothing = ".*predict returned None.*"
+    with lightning_info_silenced(returns_nothing) if quiet else _ignoring(returns_nothing):
+        trainer = pl.Trainer(
+            **settings,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=not quiet,
+            use_distributed_sampler=True,
+        )
+        trainer.predict(ScoreModule(scoring, plan, flush_rows), loader, return_predictions=False)
     return trainer.global_rank

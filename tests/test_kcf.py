@@ -26,7 +26,6 @@ from kcf.data import AngleBins, collect_items, rigid_angles
 from kcf.folds import (
     FoldStore,
     assign_folds,
-    lightning_info_silenced,
     load_fold_module,
     score_fold,
 )
@@ -36,6 +35,7 @@ from prf.body.pickle_io import ForbiddenPickleClass
 from prf.data.annotation import Annotation
 from prf.data.batch import BatchReader
 from prf.geometry import look_at
+from prf.lightning_quiet import lightning_info_silenced
 from prf.score_io import read_provenance, scores_schema
 
 TINY = {
@@ -444,11 +444,16 @@ def test_lightning_info_is_silenced_only_inside_the_block(caplog: pytest.LogCapt
         caplog.set_level(logging.INFO, logger=name)  # whatever an earlier test left; restored afterwards
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
-        with lightning_info_silenced():
+        with lightning_info_silenced("predict returned None"):
             pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
             rank_zero_warn("a warning still shows")
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
-    assert [str(w.message) for w in shown] == ["a warning still shows"]
+            rank_zero_warn("predict returned None if it was on purpose")  # one the caller names
+        rank_zero_warn("predict returned None outside the block")
+    assert [str(w.message) for w in shown] == [
+        "a warning still shows",
+        "predict returned None outside the block",
+    ]
     messages = [r.getMessage() for r in caplog.records]
     assert not any("GPU available" in m for m in messages), messages
     caplog.clear()
