@@ -180,9 +180,11 @@ class CalibrationResult:
             for check in model.checks():
                 curve = self.curves.get(f"{name}_{check.metric}")
                 auroc = f"{curve.auroc:.3f}" if curve is not None else "-"
-                chosen.add_row(
-                    name, check.metric, f"{check.op} {check.limit:.6g} {METRICS[check.metric][2]}", auroc
-                )
+                limit = f"{check.op} {check.limit:.6g} {METRICS[check.metric][2]}"
+                relative = model.max_relative_keypoint_error
+                if check.metric == RELATIVE and relative is not None and relative.flip_weight:
+                    limit += f" (+ {relative.flip_weight:g} x its flip gap)"
+                chosen.add_row(name, check.metric, limit, auroc)
         quality = Table(
             title=f"on {self.labelled} labelled images ({self.failures} failures)", show_header=False
         )

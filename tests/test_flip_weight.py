@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from rich.console import Console
 from test_calibrate_report import labels_csv
 from test_relative_kp_error import NECK, SCALES, relative_file
 from test_score import TINY_PARE, Env, make_env, oracle_regressor
@@ -188,6 +189,9 @@ def test_calibrate_picks_a_flip_weight_where_the_gaps_separate_and_zero_without_
     assert chosen is not None and chosen.flip_weight in FLIP_WEIGHTS and chosen.flip_weight > 0
     assert result.mcc == 1.0 and result.check is not None and result.check.mcc == 1.0
     assert load_thresholds(tmp_path / "th.yaml").config.models["A"].max_relative_keypoint_error == chosen
+    console = Console(record=True, width=200)
+    console.print(result.renderable())
+    assert f"x the keypoint's scale (+ {chosen.flip_weight:g} x its flip gap)" in console.export_text()
     # the same errors without the gaps: the relative error alone cannot tell the two kinds apart
     blind = tmp_path / "blind.parquet"
     gap_scores(blind, seed=0, with_gaps=False)
