@@ -669,8 +669,8 @@ def _to_config(
 ) -> ThresholdsConfig:
     """The chosen limits as a config (rounded between observed values; ``scales``, ``flip_weights``:
     model -> the keypoint error scales and flip weight chosen for ``max_rel_kp_error``, written with its
-    maximum; ``hashes``: model -> the
-    sha256 of the checkpoint that made the SCORES, written as ``calibrated_for_sha256``)."""
+    maximum; ``hashes``: model -> the sha256 of the checkpoint that made the SCORES, written as
+    ``calibrated_for_sha256``)."""
     models = {}
     for name, original in source.models.items():
         limits = {m: search.limits[(name, m)] for m in metrics}

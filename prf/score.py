@@ -10,7 +10,9 @@ of the bbox); ``max_kp_error``: the largest 2D keypoint error over sqrt(mask are
 limb, see docs/thresholds.md); ``max_rel_kp_error``: the same with each keypoint's error divided by its
 ``scales`` entry in the thresholds file (null when the file sets no ``max_relative_keypoint_error``); and
 ``keypoint_errors``, the (K,) per-keypoint errors in sqrt(mask area) units (NaN where not visible) that
-``prf calibrate`` measures the scales from. A model keeps an image when every threshold it sets passes
+``prf calibrate`` measures the scales from, and ``keypoint_flip_gaps``, the (K,) distances between the
+flip test's two passes in the same unit (null without a flip test), which widen the scales by the
+file's ``flip_weight``. A model keeps an image when every threshold it sets passes
 (an undefined metric fails); the final verdict combines the models (``all``: every model keeps it, the
 paper's rule; ``any``).
 
