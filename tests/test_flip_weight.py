@@ -10,17 +10,15 @@ oracle regressor (the annotation, moved on purpose) stands in for the network.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from rich.console import Console
 from test_calibrate_report import labels_csv
-from test_relative_kp_error import NECK, SCALES, relative_file
+from test_relative_kp_error import NECK, SCALES, relative_file, write_keypoint_scores
 from test_score import TINY_PARE, Env, make_env, oracle_regressor
 
 import prf.score as score_module
@@ -32,7 +30,6 @@ from prf.models.inference import run_regressor
 from prf.predictor import Predictor
 from prf.score import load_models, score, score_batch
 from prf.score_data import collate_items, load_item
-from prf.score_io import METADATA_KEY, scores_schema
 from prf.thresholds import ThresholdsError, dump_thresholds, load_thresholds, parse_thresholds
 
 
@@ -152,30 +149,15 @@ def gap_scores(path: Path, n: int = 400, seed: int = 0, with_gaps: bool = True) 
     them. Returns (n,) bool, True = failure."""
     rng = np.random.default_rng(seed)
     failure = rng.random(n) < 0.4
-    rows = []
+    errors, gaps = [], []
     for i in range(n):
-        errors = 0.02 * rng.uniform(0.5, 1.5, NUM_KEYPOINTS)
-        gaps = rng.uniform(0.002, 0.01, NUM_KEYPOINTS)
+        image_errors = 0.02 * rng.uniform(0.5, 1.5, NUM_KEYPOINTS)
+        image_gaps = rng.uniform(0.002, 0.01, NUM_KEYPOINTS)
         worst = rng.integers(NUM_KEYPOINTS)
-        errors[worst], gaps[worst] = 0.09, (0.005 if failure[i] else 0.2)
-        row = {"image_id": f"im{i:04d}", "image": f"im{i:04d}.png", "status": "ok", "reason": "",
-               "keep": True, "mask_area": 900.0, "source_index": i}  # fmt: skip
-        for name in ("A", "B"):
-            row.update({f"{name}_pa_mpjpe": 50.0, f"{name}_s_mpjpe": 100.0, f"{name}_pck": 100.0,
-                        f"{name}_max_kp_error": 0.09, f"{name}_keep": True,
-                        f"{name}_keypoint_errors": errors.tolist(),
-                        f"{name}_keypoint_flip_gaps": gaps.tolist() if with_gaps else None})  # fmt: skip
-        rows.append(row)
-    source = "models:\n  A: {pa_mpjpe_max: 500, s_mpjpe_max: null, pck: null}\n" + (
-        "  B: {pa_mpjpe_max: 500, s_mpjpe_max: null, pck: null}\n"
-    )
-    provenance = {
-        "thresholds": {"content": source, "sha256": "0" * 64},
-        "models": [{"name": m, "checkpoint": f"{m}.pt", "sha256": m.lower() * 64} for m in "AB"],
-        "input": "/data",
-    }
-    schema = scores_schema(["A", "B"]).with_metadata({METADATA_KEY: json.dumps(provenance).encode()})
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+        image_errors[worst], image_gaps[worst] = 0.09, (0.005 if failure[i] else 0.2)
+        errors.append(image_errors)
+        gaps.append(image_gaps)
+    write_keypoint_scores(path, errors, gaps if with_gaps else None)
     return failure
 
 

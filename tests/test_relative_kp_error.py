@@ -193,24 +193,19 @@ def test_scales_are_medians_of_faithful_errors_and_rare_keypoints_take_the_poole
         keypoint_error_scales(errors[:30], faithful[:30])
 
 
-def synthetic_keypoint_scores(path: Path, n: int = 400, seed: int = 0) -> np.ndarray:
-    """SCORES whose failures move one PRECISE keypoint less than the noisy ones move on faithful images:
-    the plain maximum cannot separate them, the relative one can. Returns (n,) bool, True = failure."""
-    rng = np.random.default_rng(seed)
-    typical = np.full(NUM_KEYPOINTS, 0.02)
-    typical[[3, 4, 5, 6, 19]] = 0.12  # paws and the tail tip: noisy
-    failure = rng.random(n) < 0.4
+def write_keypoint_scores(path: Path, errors: list[np.ndarray], gaps: list[np.ndarray] | None = None) -> None:
+    """A SCORES file of models A and B (same values for both) with the given per-image (K,) keypoint
+    errors and, optionally, flip gaps; the other metrics are constant and every row is ``ok``."""
     rows = []
-    for i in range(n):
-        errors = typical * rng.uniform(0.5, 1.5, NUM_KEYPOINTS)
-        if failure[i]:
-            errors[rng.choice([8, 9, 18])] = 0.09  # an elbow or the neck, 4.5x its usual error
+    for i, image_errors in enumerate(errors):
+        image_gaps = gaps[i].tolist() if gaps is not None else None
         row = {"image_id": f"im{i:04d}", "image": f"im{i:04d}.png", "status": "ok", "reason": "",
                "keep": True, "mask_area": 900.0, "source_index": i}  # fmt: skip
         for name in ("A", "B"):
             row.update({f"{name}_pa_mpjpe": 50.0, f"{name}_s_mpjpe": 100.0, f"{name}_pck": 100.0,
-                        f"{name}_max_kp_error": float(errors.max()), f"{name}_keep": True,
-                        f"{name}_keypoint_errors": errors.tolist()})  # fmt: skip
+                        f"{name}_max_kp_error": float(image_errors.max()), f"{name}_keep": True,
+                        f"{name}_keypoint_errors": image_errors.tolist(),
+                        f"{name}_keypoint_flip_gaps": image_gaps})  # fmt: skip
         rows.append(row)
     source = "models:\n  A: {pa_mpjpe_max: 500, s_mpjpe_max: null, pck: null}\n" + (
         "  B: {pa_mpjpe_max: 500, s_mpjpe_max: null, pck: null}\n"
@@ -222,6 +217,22 @@ def synthetic_keypoint_scores(path: Path, n: int = 400, seed: int = 0) -> np.nda
     }
     schema = scores_schema(["A", "B"]).with_metadata({METADATA_KEY: json.dumps(provenance).encode()})
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def synthetic_keypoint_scores(path: Path, n: int = 400, seed: int = 0) -> np.ndarray:
+    """SCORES whose failures move one PRECISE keypoint less than the noisy ones move on faithful images:
+    the plain maximum cannot separate them, the relative one can. Returns (n,) bool, True = failure."""
+    rng = np.random.default_rng(seed)
+    typical = np.full(NUM_KEYPOINTS, 0.02)
+    typical[[3, 4, 5, 6, 19]] = 0.12  # paws and the tail tip: noisy
+    failure = rng.random(n) < 0.4
+    errors = []
+    for i in range(n):
+        image_errors = typical * rng.uniform(0.5, 1.5, NUM_KEYPOINTS)
+        if failure[i]:
+            image_errors[rng.choice([8, 9, 18])] = 0.09  # an elbow or the neck, 4.5x its usual error
+        errors.append(image_errors)
+    write_keypoint_scores(path, errors)
     return failure
 
 
