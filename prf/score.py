@@ -164,8 +164,13 @@ class _AutocastNet:
 
 def _image_pixels(keypoints_crop: Tensor, affines: Tensor) -> Tensor:
     """(B, K, 2) crop pixels -> image pixels through the inverse of the (B, 2, 3) image -> crop affines."""
-    linear, offset = affines[:, :, :2], affines[:, :, 2]
-    return torch.linalg.solve(linear[:, None], (keypoints_crop - offset[:, None])[..., None])[..., 0]
+    return _image_offsets(keypoints_crop - affines[:, None, :, 2], affines)
+
+
+def _image_offsets(offsets_crop: Tensor, affines: Tensor) -> Tensor:
+    """(B, K, 2) differences of crop pixels -> the same differences in image pixels (the inverse of the
+    (B, 2, 3) image -> crop affines' linear part; a difference has no translation)."""
+    return torch.linalg.solve(affines[:, None, :, :2], offsets_crop[..., None])[..., 0]
 
 
 def _device_batch(
@@ -193,7 +198,8 @@ def _device_batch(
 
 
 def _model_metrics(model: ScoringModel, rows: dict[str, Any], amp: bool) -> dict[str, Tensor]:
-    """Metrics (B_ok,) and image-pixel keypoints (B_ok, K, 2) of one model on ``_device_batch`` rows."""
+    """Metrics (B_ok,) and image-pixel keypoints (B_ok, K, 2) of one model on ``_device_batch`` rows; the
+    per-keypoint ``keypoint_flip_gaps`` (B_ok, K) only when the model runs a flip test."""
     predictor, dtype = model.predictor, rows["dtype"]
     net = _AutocastNet(predictor.net) if amp and predictor.device.type == "cuda" else predictor.net
     with torch.inference_mode():
@@ -213,18 +219,23 @@ def _model_metrics(model: ScoringModel, rows: dict[str, Any], amp: bool) -> dict
         norm = size if settings.normalization == "mask_area" else metrics.bbox_normalizer(bbox)
         errors = metrics.per_keypoint_errors(pred2d, target2d) / size[:, None]  # (B, K), sqrt(A) units
         errors = errors.masked_fill(~visible, math.nan)
-        flip_gaps = _flip_gaps(pred.get("keypoints_2d_flip_gap"), rows["affines"][model.crop_index],
-                               predictor.input_size, size)  # fmt: skip
+        gap = pred.get("keypoints_2d_flip_gap")  # None without a flip test
+        flip_gaps = None
+        if gap is not None:  # (B, K) sqrt(A) units; crop pixels = normalised * S / 2 + const
+            offsets = _image_offsets(
+                gap.to(dtype) * (predictor.input_size / 2.0), rows["affines"][model.crop_index]
+            )
+            flip_gaps = offsets.norm(dim=-1) / size[:, None]
         relative = model.thresholds.max_relative_keypoint_error
         if relative is not None:
             scales = torch.tensor(relative.scales, dtype=dtype, device=size.device)
-            if relative.flip_weight > 0:  # load_models made sure the gaps exist
+            if relative.flip_weight > 0:  # load_models made sure the model runs a flip test
                 scales = scales + relative.flip_weight * flip_gaps
             max_relative, worst_relative = _largest(errors / scales)
         else:
             max_relative = torch.full_like(size, math.nan)
             worst_relative = torch.zeros_like(size, dtype=torch.long)
-        return {
+        out = {
             "pa_mpjpe": metrics.pa_mpjpe(pred3d, target3d),
             "s_mpjpe": metrics.s_mpjpe(pred3d, target3d),
             "pck": 100.0 * metrics.pck(pred2d, target2d, visible, settings.alpha, norm),
@@ -232,22 +243,13 @@ def _model_metrics(model: ScoringModel, rows: dict[str, Any], amp: bool) -> dict
             "max_rel_kp_error": max_relative,
             "keypoints_2d": pred2d,
             "keypoint_errors": errors,
-            "keypoint_flip_gaps": flip_gaps,
             # which keypoint each maximum is at: named in the reject reason
             "max_kp_error_at": errors.nan_to_num(-1.0).argmax(dim=1),
             "max_rel_kp_error_at": worst_relative,
         }
-
-
-def _flip_gaps(gap: Tensor | None, affines: Tensor, input_size: int, size: Tensor) -> Tensor:
-    """Flip test's per-keypoint disagreement in sqrt(mask area) units, (B, K): ``run_regressor``'s
-    ``keypoints_2d_flip_gap`` (B, K, 2), normalised crop coordinates, taken to image pixels through the
-    (B, 2, 3) image -> crop affines and divided by the (B,) ``size``; all NaN without a flip test."""
-    if gap is None:
-        return size.new_full((size.shape[0], len(KEYPOINT_NAMES)), math.nan)
-    crop_pixels = gap.to(size.dtype) * (input_size / 2.0)  # a difference: from_normalised's offset cancels
-    image_pixels = torch.linalg.solve(affines[:, None, :, :2], crop_pixels[..., None])[..., 0]
-    return image_pixels.norm(dim=-1) / size[:, None]
+        if flip_gaps is not None:
+            out["keypoint_flip_gaps"] = flip_gaps
+        return out
 
 
 def _largest(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -305,8 +307,8 @@ def score_batch(
                 row[f"{model.name}_keep"] = not failed
                 row[f"{model.name}_keypoints_2d"] = [v for point in got["keypoints_2d"][k] for v in point]
                 row[f"{model.name}_keypoint_errors"] = got["keypoint_errors"][k]
-                gaps = got["keypoint_flip_gaps"][k]
-                row[f"{model.name}_keypoint_flip_gaps"] = None if math.isnan(gaps[0]) else gaps
+                gaps = got.get("keypoint_flip_gaps")  # absent without a flip test
+                row[f"{model.name}_keypoint_flip_gaps"] = gaps[k] if gaps is not None else None
                 verdicts.append(not failed)
                 if failed:
                     reasons.append(f"{model.name}: {', '.join(failed)}")
