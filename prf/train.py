@@ -31,7 +31,7 @@ from prf.body.smal import SMAL
 from prf.checkpoint import check_layout, load_export, plain, save_export
 from prf.data.datamodule import AugmentConfig, RegressorDataModule
 from prf.data.transforms import DEFAULT_CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD
-from prf.models.heads import build_regressor_net
+from prf.models.heads import build_regressor_net, freeze_unreachable_parameters
 from prf.models.losses import LossConfig
 from prf.models.regressor import VAL_METRICS, OptimConfig, RegressorModule
 from prf.train_progress import progress_callbacks
@@ -309,6 +309,14 @@ def run_train(
     )
     if init is not None:
         _load_init(Path(init), net, smal, cfg)
+    frozen = freeze_unreachable_parameters(net, cfg.model.input_size)
+    if frozen:
+        logger.info(
+            "%d parameter tensors of %s feed none of the net's outputs (feature levels it computes but does "
+            "not return): frozen, so DDP never waits for their gradients",
+            len(frozen),
+            cfg.model.backbone,
+        )
     module = RegressorModule(
         net, smal, cfg.loss, cfg.optim, cfg.model.input_size, cfg.model.projection, {"config": resolved}
     )

@@ -15,6 +15,7 @@ from prf.checkpoint import load_export, sha256_file
 from prf.data import datamodule
 from prf.data.batch import BatchReader
 from prf.data.datamodule import RegressorDataModule, RegressorDataset, batch_entries, split_indices
+from prf.models.heads import build_regressor_net, freeze_unreachable_parameters
 from prf.train import load_train_config, parse_overrides, run_train
 
 TINY_HEADS = {
@@ -156,3 +157,32 @@ def test_decoded_cache_gives_the_same_items_and_reads_each_file_once(
     sample = cached.decoded(0)
     with pytest.raises(ValueError, match="read-only"):
         sample.targets.pose[0, 0, 0] = 2.0  # shared by every epoch: augmentation must copy, never edit
+
+
+def test_levels_a_backbone_computes_but_does_not_return_are_frozen() -> None:
+    """HRNet's features model runs an "incre" module on every branch and returns only the chosen level:
+    those parameters get no gradient, which DDP refuses, so training freezes them (and only them)."""
+    smal = SMAL.builtin()
+    hrnet = build_regressor_net(
+        "pare", "hrnet_w18_small", smal.num_joints, smal.num_betas, out_index=-2, **TINY_HEADS["pare"]
+    )
+    frozen = freeze_unreachable_parameters(hrnet, 64)
+    assert frozen and all(name.startswith("backbone.") for name in frozen)
+    assert any(".incre_modules.0." in name for name in frozen)
+    assert hrnet.training  # the probe's eval mode is undone
+    out = hrnet(torch.randn(2, 3, 64, 64))
+    outputs = (out.pose_rotmat, out.betas, out.cam, out.part_logits, out.attention)
+    sum(o.sum() for o in outputs).backward()
+    assert all(p.grad is not None for p in hrnet.parameters() if p.requires_grad)
+    regnet = build_regressor_net("pare", "regnetx_002", smal.num_joints, smal.num_betas, out_index=-2)
+    assert freeze_unreachable_parameters(regnet, 64) == []
+
+
+def test_hrnet_trains_under_ddp(data: dict[str, Path], tmp_path: Path) -> None:
+    """The paper configs' strategy (DDP) with an HRNet backbone: without the freeze above, DDP stops at
+    the second step ("parameters that were not used in producing the loss")."""
+    config = _config(data["root"], "pare", strategy="ddp", max_steps=2, limit_val_batches=1)
+    overrides = {"model.backbone": "hrnet_w18_small", "model.input_size": 64}
+    run = run_train("synthetic", data["batch"], config, run_dir=tmp_path / "run", overrides=overrides)
+    export = load_export(run)
+    assert export["backbone"] == "hrnet_w18_small" and export["steps_trained"] == 2

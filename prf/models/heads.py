@@ -11,7 +11,7 @@ as in HMR / SPIN. ``s ~ 0.9`` means the body roughly fills the crop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -128,3 +128,36 @@ def build_regressor_net(
         arch, in_channels=body.out_channels, num_joints=num_joints, num_betas=num_betas, **head_kwargs
     )
     return PoseRegressorNet(body, head)
+
+
+def freeze_unreachable_parameters(net: PoseRegressorNet, input_size: int) -> list[str]:
+    """Turn off ``requires_grad`` of the parameters no output of ``net`` depends on; returns their names.
+
+    Some timm features models compute more than the levels they return: HRNet's ``features_only`` model
+    runs an "incre" module on each of its four branches and returns only the chosen ones, so the other
+    modules and the stage-4 fusions feeding only them never receive a gradient. Plain training just skips
+    them, but DDP (the paper configs' strategy) stops at the first step with "parameters that were not
+    used in producing the loss". Freezing them keeps DDP's cheap default (no per-step search for unused
+    parameters) and leaves them out of the optimiser. Found by one eval-mode forward pass of a
+    (1, 3, ``input_size``, ``input_size``) zero image and a gradient of every output's sum, so it follows
+    the graph the net really builds; the training mode is restored after.
+    """
+    trainable = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    if not trainable:
+        return []
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.enable_grad():
+            probe = torch.zeros(1, 3, input_size, input_size, device=trainable[0][1].device)
+            out = net(probe)
+            outputs = [getattr(out, f.name) for f in fields(out)]
+            total = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor))
+            grads = torch.autograd.grad(total, [p for _, p in trainable], allow_unused=True)
+    finally:
+        net.train(was_training)
+    frozen = [name for (name, p), grad in zip(trainable, grads, strict=True) if grad is None]
+    for name, p in trainable:
+        if name in frozen:
+            p.requires_grad_(False)
+    return frozen

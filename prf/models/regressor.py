@@ -144,11 +144,16 @@ class RegressorModule(pl.LightningModule):
         total, terms = self.criterion(pred, batch)
         size = batch["image"].shape[0]
         on_step = stage == "train"
+        # sync_dist: under DDP the logged means cover every rank's images (the metrics below are
+        # torchmetrics, synced already); one scalar all-reduce per step beside DDP's gradient all-reduce
         self.log(
-            f"{stage}/loss", total.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size
-        )
+            f"{stage}/loss", total.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size,
+            sync_dist=True,
+        )  # fmt: skip
         for name, value in terms.items():
-            self.log(f"{stage}/loss_{name}", value, on_step=False, on_epoch=True, batch_size=size)
+            self.log(
+                f"{stage}/loss_{name}", value, on_step=False, on_epoch=True, batch_size=size, sync_dist=True
+            )
         if stage in self.eval_metrics:
             for name, values in batch_metrics(pred, batch, self.input_size).items():
                 metric = self.eval_metrics[stage][name.replace(".", "_")]
