@@ -3,6 +3,7 @@
     python benchmarks/score_throughput.py BATCH [--models A.pt B.pt] [--batch-size 32] [--processes P]
         [--limit N] [--repeats 3] [--out JSON]
     python benchmarks/score_throughput.py --quick      # smoke run on a fresh 64-image batch, one round
+    python benchmarks/score_throughput.py BATCH --device cuda [--workers 8] [--batch-size 256]  # on a GPU
 
 Two layouts of the machine's cores are measured: one process with every core's torch threads, and
 P processes with cores / P threads each (``prf score --processes``; P defaults to the number of cores, what
@@ -18,6 +19,10 @@ P processes with cores / P threads each (``prf score --processes``; P defaults t
 - marginal: (N - N/2) / (t(N) - t(N/2)) from end-to-end calls on the whole batch (N images) and on its
   first half: the images/s of a long run, without the fixed costs of a call (imports of the spawned
   processes, model loading, the merge), which the raw figure leaves out too.
+
+``--device cuda`` measures one layout instead: one process on the GPU with ``--workers`` DataLoader workers
+decoding (``prf score --device cuda --workers W``). Its raw figure is both models under CUDA autocast
+(float16, as scoring runs them) on random crops already on the GPU, timed between synchronisations.
 
 The ratio end-to-end / raw of the same layout is the figure of merit (issue target >= 0.8), measured in
 ``--repeats`` rounds of (raw, end to end, raw) for each layout back to back, the raw figure being the
@@ -49,7 +54,7 @@ from benchmarks.filter_quality import generate_batch  # noqa: E402
 from prf.data.inputs import iter_samples  # noqa: E402
 from prf.models.inference import run_regressor  # noqa: E402
 from prf.predictor import Predictor  # noqa: E402
-from prf.score import REPO_ROOT, score  # noqa: E402
+from prf.score import REPO_ROOT, AutocastNet, score  # noqa: E402
 from prf.score_parallel import usable_cores  # noqa: E402
 
 QUICK_IMAGES = 64  # --quick without a BATCH: this many 64 px images, 30% with injected failures
@@ -106,16 +111,50 @@ def raw_forward_images_per_s(models: list[Path], batch_size: int, images: int, p
     return sum(span[2] for span in spans) / (last - first)
 
 
+def raw_forward_cuda_images_per_s(models: list[Path], batch_size: int, images: int) -> float:
+    """Images/s of every model on the GPU under autocast, on random crops already in GPU memory, about
+    ``images`` images in all: the ceiling of ``prf score --device cuda`` (module docstring)."""
+    predictors = [Predictor.from_checkpoint(m, device="cuda") for m in models]
+    sizes = {p.input_size for p in predictors}
+    crops = {size: torch.randn(batch_size, 3, size, size, device="cuda") for size in sizes}
+    cams = torch.tensor([[200.0, 32.0, 32.0]], device="cuda").repeat(batch_size, 1)
+    nets = [AutocastNet(p.net) for p in predictors]
+    batches = max(3, images // batch_size)
+
+    def forward_all() -> None:
+        for p, net in zip(predictors, nets, strict=True):
+            cam = cams if p.projection == "perspective" else None
+            run_regressor(net, p.body, crops[p.input_size], cam, p.flip_test)
+
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up: cuDNN's algorithm search, the allocator's first blocks
+            forward_all()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(batches):
+            forward_all()
+        torch.cuda.synchronize()
+        return batches * batch_size / (time.perf_counter() - started)
+
+
 def end_to_end_seconds(
-    batch: Path, models: list[Path], batch_size: int, processes: int, limit: int | None = None
+    batch: Path,
+    models: list[Path],
+    batch_size: int,
+    processes: int,
+    limit: int | None = None,
+    device: str = "cpu",
+    workers: int = 0,
 ) -> tuple[float, int]:
-    """Seconds of a whole ``prf.score.score`` call with ``processes`` processes (decoding inline) on the
-    first ``limit`` images of ``batch``; returns (seconds, images scored)."""
+    """Seconds of a whole ``prf.score.score`` call with ``processes`` processes (decoding inline) or, on
+    a GPU, ``workers`` decode workers, on the first ``limit`` images of ``batch``; returns (seconds,
+    images scored)."""
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         summary = score(
             batch, THRESHOLDS, [str(m) for m in models], Path(tmp) / "s" / "scores.parquet",
-            batch_size=batch_size, workers=0, device="cpu", limit=limit, quiet=True, processes=processes,
+            batch_size=batch_size, workers=workers, device=device, limit=limit, quiet=True,
+            processes=processes,
         )  # fmt: skip
         elapsed = time.perf_counter() - started
     return elapsed, int(summary.as_dict()["total"])
@@ -127,10 +166,21 @@ def measure_round(args: argparse.Namespace, processes: int) -> dict[str, float]:
     so that a drift of the machine's speed during the round cancels to first order."""
     models = list(args.models)
     images = args.limit or count_images(args.batch)
-    raw_before = raw_forward_images_per_s(models, args.batch_size, images // 2, processes)
-    seconds, count = end_to_end_seconds(args.batch, models, args.batch_size, processes, args.limit)
-    half_seconds, half = end_to_end_seconds(args.batch, models, args.batch_size, processes, count // 2)
-    raw_after = raw_forward_images_per_s(models, args.batch_size, images // 2, processes)
+    cuda = args.device == "cuda"
+    workers = args.workers if cuda else 0
+
+    def raw() -> float:
+        if cuda:
+            return raw_forward_cuda_images_per_s(models, args.batch_size, images // 2)
+        return raw_forward_images_per_s(models, args.batch_size, images // 2, processes)
+
+    def end_to_end(limit: int | None) -> tuple[float, int]:
+        return end_to_end_seconds(args.batch, models, args.batch_size, processes, limit, args.device, workers)
+
+    raw_before = raw()
+    seconds, count = end_to_end(args.limit)
+    half_seconds, half = end_to_end(count // 2)
+    raw_after = raw()
     raw = (raw_before + raw_after) / 2
     e2e, marginal = count / seconds, (count - half) / (seconds - half_seconds)
     return {
@@ -164,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--processes", type=int, default=usable_cores(), help="the several-process layout (default: cores)"
     )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the one-process GPU layout instead"
+    )
+    parser.add_argument("--workers", type=int, default=8, help="--device cuda: DataLoader decode workers")
     parser.add_argument("--limit", type=int, help="score only the first N images (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per layout; the median is kept")
     parser.add_argument(
@@ -191,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every round of both layouts (module docstring) on ``args.batch``; the JSON-ready result."""
     cores = usable_cores()
-    layouts = sorted({1, args.processes})
+    layouts = [1] if args.device == "cuda" else sorted({1, args.processes})
     rounds: dict[int, list[dict[str, float]]] = {processes: [] for processes in layouts}
     for _ in range(args.repeats):
         for processes in layouts:
@@ -208,10 +262,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": str(args.batch),
         "batch_size": args.batch_size,
         "cores": cores,
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "decode_workers": args.workers if args.device == "cuda" else 0,
         "layouts": [
             {
                 "processes": processes,
-                "torch_threads_per_process": max(1, cores // processes),
+                "torch_threads_per_process": None if args.device == "cuda" else max(1, cores // processes),
                 "median_ratio_round": median_by(rounds[processes], "ratio"),
                 "median_marginal_ratio_round": median_by(rounds[processes], "marginal_ratio"),
                 "rounds": rounds[processes],

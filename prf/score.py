@@ -146,7 +146,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class _AutocastNet:
+class AutocastNet:
     """Calls a net under CUDA autocast (float16) and hands back float32 outputs, so the SMAL layer and the
     metrics after it run in full precision."""
 
@@ -201,7 +201,7 @@ def _model_metrics(model: ScoringModel, rows: dict[str, Any], amp: bool) -> dict
     """Metrics (B_ok,) and image-pixel keypoints (B_ok, K, 2) of one model on ``_device_batch`` rows; the
     per-keypoint ``keypoint_flip_gaps`` (B_ok, K) only when the model runs a flip test."""
     predictor, dtype = model.predictor, rows["dtype"]
-    net = _AutocastNet(predictor.net) if amp and predictor.device.type == "cuda" else predictor.net
+    net = AutocastNet(predictor.net) if amp and predictor.device.type == "cuda" else predictor.net
     with torch.inference_mode():
         # a perspective-trained model projects through the crop's own pinhole camera (prf.predictor)
         crop_cam = rows["crop_cams"][model.crop_index] if predictor.projection == "perspective" else None
