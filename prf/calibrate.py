@@ -145,6 +145,8 @@ class CheckResult:
     f1: float
     mcc: float
     false_positive_rate: float
+    # model name -> its own verdict's figures ("precision", "recall", "f1", "mcc", "fpr") on these images
+    alone: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,6 +165,8 @@ class CalibrationResult:
     false_positive_rate: float
     mcc: float  # Matthews correlation of "rejected" with "failure" (the mcc objective)
     check: CheckResult | None = None  # the same thresholds on a second labelled SCORES file, if given
+    # model name -> its own verdict's figures (see CheckResult.alone) on the calibration images
+    alone: dict[str, dict[str, float]] = field(default_factory=dict)
     curves: dict[str, Curve] = field(default_factory=dict)
     rejected_by_type: dict[str, tuple[int, int]] = field(default_factory=dict)  # type -> (rejected, total)
     out: Path | None = None
@@ -194,6 +198,8 @@ class CalibrationResult:
         quality.add_row("kept images", f"{self.kept} ({self.keep_precision:.3f} of them faithful)")
         quality.add_row("faithful images rejected", f"{self.false_positive_rate:.3f}")
         quality.add_row("Matthews correlation", f"{self.mcc:.3f}")
+        if len(self.alone) > 1:
+            quality.add_row("each model alone: Matthews correlation / F1", _alone_text(self.alone))
         if self.check is not None:
             c = self.check
             quality.add_row(
@@ -202,6 +208,10 @@ class CalibrationResult:
             )
             quality.add_row("check set: Matthews correlation", f"{c.mcc:.3f}")
             quality.add_row("check set: faithful images rejected", f"{c.false_positive_rate:.3f}")
+            if len(c.alone) > 1:
+                quality.add_row(
+                    "check set, each model alone: Matthews correlation / F1", _alone_text(c.alone)
+                )
         if not self.rejected_by_type:
             return Group(chosen, quality)
         by_type = Table(title="failures rejected, by type")
@@ -210,6 +220,26 @@ class CalibrationResult:
         for kind, (rejected, total) in self.rejected_by_type.items():
             by_type.add_row(kind, f"{rejected} / {total}", f"{rejected / total:.3f}")
         return Group(chosen, quality, by_type)
+
+
+def model_alone_quality(passes: dict[str, np.ndarray], failure: np.ndarray) -> dict[str, dict[str, float]]:
+    """Each model's own verdict judged alone: model name -> precision, recall, F1, Matthews correlation
+    and faithful images rejected (``fpr``) of rejecting where that model's thresholds fail (``passes``:
+    name -> (N,) bool). Beside the combined verdict it shows what each model adds: a model whose thresholds
+    did not carry over can make the intersection worse than the other model alone."""
+    keys = ("precision", "recall", "f1", "mcc", "fpr")
+    quality = {name: _quality(ok[:, None], failure) for name, ok in passes.items()}
+    return {name: {key: float(q[key][0]) for key in keys} for name, q in quality.items()}
+
+
+def _alone_text(alone: dict[str, dict[str, float]]) -> str:
+    """ "A 0.546 / 0.702, B 0.412 / 0.655" """
+    return ", ".join(f"{name} {q['mcc']:.3f} / {q['f1']:.3f}" for name, q in alone.items())
+
+
+def _alone_sentence(alone: dict[str, dict[str, float]]) -> str:
+    """ " Each model alone (Matthews correlation / F1): A ..., B ...." (empty for one model)."""
+    return f" Each model alone (Matthews correlation / F1): {_alone_text(alone)}." if len(alone) > 1 else ""
 
 
 def _badness(values: np.ndarray, metric: str) -> np.ndarray:
@@ -261,7 +291,7 @@ class _Search:
         self.candidates = {key: _candidates(values) for key, values in bad.items()}
         self.limits = {key: np.inf for key in bad}  # start: no thresholds, every image kept
 
-    def _model_pass(self, model: str, skip: tuple[str, str] | None = None) -> np.ndarray:
+    def model_pass(self, model: str, skip: tuple[str, str] | None = None) -> np.ndarray:
         ok = np.ones(self.failure.shape, dtype=bool)
         for key, values in self.bad.items():
             if key[0] == model and key != skip:
@@ -269,14 +299,14 @@ class _Search:
         return ok
 
     def keep(self) -> np.ndarray:
-        passes = np.stack([self._model_pass(m) for m in self.models])
+        passes = np.stack([self.model_pass(m) for m in self.models])
         return passes.all(0) if self.combine == "all" else passes.any(0)
 
     def _keep_for(self, key: tuple[str, str]) -> np.ndarray:
         """(N, C) final verdict for each candidate of ``key`` with the other thresholds fixed."""
         this = _passes(self.bad[key][:, None], self.candidates[key][None, :])
-        model_pass = self._model_pass(key[0], skip=key)[:, None] & this
-        others = [self._model_pass(m) for m in self.models if m != key[0]]
+        model_pass = self.model_pass(key[0], skip=key)[:, None] & this
+        others = [self.model_pass(m) for m in self.models if m != key[0]]
         if not others:
             return model_pass
         rest = np.stack(others)
@@ -496,7 +526,7 @@ def evaluate_thresholds(
     failure = np.array([label_of[i] for i in table["image_id"]], dtype=bool)
     if failure.size == 0:
         raise ValueError(f"{scores}: no scored image has a label in {labels}")
-    passes = []
+    passes = {}
     for name in names:
         model = config.models[name]
         ok = np.ones(failure.shape, dtype=bool)
@@ -520,11 +550,12 @@ def evaluate_thresholds(
             ok &= _passes(
                 _badness(values, check.metric), float(_badness(np.float64(check.limit), check.metric))
             )
-        passes.append(ok)
-    keep = np.all(passes, axis=0) if config.combine == "all" else np.any(passes, axis=0)
+        passes[name] = ok
+    every = list(passes.values())
+    keep = np.all(every, axis=0) if config.combine == "all" else np.any(every, axis=0)
     q = {k: float(v[0]) for k, v in _quality(keep[:, None], failure).items()}
     return CheckResult(scores, int(failure.size), int(failure.sum()), q["precision"], q["recall"], q["f1"],
-                       q["mcc"], q["fpr"])  # fmt: skip
+                       q["mcc"], q["fpr"], model_alone_quality(passes, failure))  # fmt: skip
 
 
 def calibrate(
@@ -622,6 +653,7 @@ def calibrate(
         mcc=final["mcc"],
         curves={f"{n}_{m}": c for (n, m), v in bad.items() if (c := _curve(v, failure)) is not None},
         rejected_by_type=_rejected_by_type(keep, table["image_id"], failure_types),
+        alone=model_alone_quality({m: search.model_pass(m) for m in search.models}, failure),
     )
     if target_precision is not None and result.keep_precision < target_precision:
         raise ValueError(
@@ -711,7 +743,8 @@ def _header(result: CalibrationResult, scores: Path, provenance: dict[str, Any])
         f"Calibrated by `prf calibrate` on {now_iso()} from {scores} ({result.labelled} labelled images, "
         f"{result.failures} failures).\nObjective: {result.objective}. Rejects: precision "
         f"{result.precision:.3f}, recall {result.recall:.3f}, F1 {result.f1:.3f}; kept {result.kept} images, "
-        f"{result.keep_precision:.3f} of them faithful.\n{_by_type_line(result)}{_check_line(result)}"
+        f"{result.keep_precision:.3f} of them faithful.{_alone_sentence(result.alone)}\n"
+        f"{_by_type_line(result)}{_check_line(result)}"
         "Valid for the checkpoints "
         f"scored: {checkpoints}.\n"
         "Units: mm for the MPJPEs, percent for pck.min, sqrt(mask area) for max_keypoint_error_max and for "
@@ -729,7 +762,7 @@ def _check_line(result: CalibrationResult) -> str:
     return (
         f"On the check set {c.scores} ({c.labelled} labelled images, {c.failures} failures): precision "
         f"{c.precision:.3f}, recall {c.recall:.3f}, F1 {c.f1:.3f}, Matthews correlation {c.mcc:.3f}, "
-        f"faithful images rejected {c.false_positive_rate:.3f}.\n"
+        f"faithful images rejected {c.false_positive_rate:.3f}.{_alone_sentence(c.alone)}\n"
     )
 
 

@@ -277,3 +277,30 @@ def test_summary_error_rows_keep_square_brackets() -> None:
     console = Console(record=True, width=200)
     console.print(summary.renderable())
     assert "runs/[run1]/im0.png: unreadable image" in console.export_text()
+
+
+def test_calibrate_reports_each_model_alone(tmp_path: Path) -> None:
+    """In the synthetic table A sees only one kind of failure and B only the other: each alone rejects
+    no faithful image but misses the other kind, and only together do they reach MCC 1 -- on the
+    calibration images and on a check set the thresholds were not fitted to."""
+    scores, check = tmp_path / "scores.parquet", tmp_path / "check.parquet"
+    failure = synthetic_scores(scores)
+    check_failure = synthetic_scores(check, seed=1)
+    labels, check_labels = (
+        labels_csv(tmp_path / "l.csv", failure),
+        labels_csv(tmp_path / "c.csv", check_failure),
+    )
+    result = calibrate(
+        scores, labels, out=tmp_path / "th.yaml", check_scores=check, check_labels=check_labels
+    )
+    for alone, mcc in ((result.alone, result.mcc), (result.check.alone, result.check.mcc)):
+        assert set(alone) == {"A", "B"} and mcc == 1.0
+        for figures in alone.values():
+            assert figures["precision"] == 1.0 and figures["fpr"] == 0.0
+            assert 0.2 < figures["recall"] < 0.8 and figures["mcc"] < mcc
+        assert alone["A"]["recall"] + alone["B"]["recall"] == pytest.approx(1.0)  # the two kinds
+    lines = (tmp_path / "th.yaml").read_text().splitlines()
+    header = " ".join(line.lstrip("# ").strip() for line in lines if line.startswith("#"))  # unwrapped
+    calibration_part, check_part = header.split("On the check set")
+    assert "Each model alone (Matthews correlation / F1): A " in calibration_part
+    assert "Each model alone (Matthews correlation / F1): A " in check_part
