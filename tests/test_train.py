@@ -178,10 +178,11 @@ def test_levels_a_backbone_computes_but_does_not_return_are_frozen() -> None:
     assert freeze_unreachable_parameters(regnet, 64) == []
 
 
-def test_hrnet_trains_under_ddp(data: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["pare", "hmr"])
+def test_hrnet_trains_under_ddp(data: dict[str, Path], tmp_path: Path, arch: str) -> None:
     """The paper configs' strategy (DDP) with an HRNet backbone: without the freeze above, DDP stops at
     the second step ("parameters that were not used in producing the loss")."""
-    config = _config(data["root"], "pare", strategy="ddp", max_steps=2, limit_val_batches=1)
+    config = _config(data["root"], arch, strategy="ddp", max_steps=2, limit_val_batches=1)
     overrides = {"model.backbone": "hrnet_w18_small", "model.input_size": 64}
     run = run_train("synthetic", data["batch"], config, run_dir=tmp_path / "run", overrides=overrides)
     export = load_export(run)
