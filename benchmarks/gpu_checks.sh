@@ -7,6 +7,8 @@
 #    40 100, disjoint from every training and benchmark batch), one render process per spare core.
 # 2. throughput: benchmarks/score_throughput.py --device cuda on it with the default checkpoints (#5's ratio
 #    end to end / raw forward on the GPU), batch 256, DECODE_WORKERS (default: cores - 2) decode workers.
+#    Then where a batch's time goes (benchmarks/score_profile.py, OUT/score_profile_cuda.txt), and the
+#    throughput at batch 1024 (printed to the log only: at most 8 files come back from a device run).
 # 3. agreement: the first 500 images scored on the GPU (AMP float16 nets) and on the CPU (float32): how
 #    many verdicts and how far the metrics differ.
 # 4. memory: peak RSS and peak GPU memory of `prf score --device cuda` on 600 vs all IMAGES.
@@ -20,7 +22,8 @@
 #    divides by step 5's PRF cost per image.
 #
 # Each step runs on its own (one failing does not stop the others) and appends to OUT/log.txt; its
-# result files land in OUT. Runs in about 6 minutes on one H200 with 16 cores.
+# result files land in OUT. Runs in about 6 minutes on one H200 with 16 cores (4 min 52 s before the
+# profile and batch-1024 steps were added).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUT [IMAGES] [DECODE_WORKERS]}
 IMAGES=${2:-3000}
@@ -74,6 +77,11 @@ print(json.dumps(result, indent=1))
 json.dump(result, open(out, "w"), indent=1)
 EOF
 }
+step profile 90 python3 benchmarks/score_profile.py "$B" --device cuda --workers "$WORKERS" --batch-size 256 \
+    --out "$OUT/score_profile_cuda.txt"
+step throughput_1024 120 python3 benchmarks/score_throughput.py "$B" --device cuda --workers "$WORKERS" \
+    --batch-size 1024 --repeats 1 --out "$WORK/score_throughput_cuda_1024.json"
+
 export -f agreement
 step agreement 90 agreement
 

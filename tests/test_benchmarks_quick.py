@@ -100,3 +100,18 @@ def test_score_ab_quick_scores_both_batches_in_turn(tmp_path: Path) -> None:
     assert result["median_speedup_b_over_a"] == pytest.approx(
         result["b_images_per_s"][0] / result["a_images_per_s"][0]
     )
+
+
+def test_score_profile_splits_a_run_into_its_stages(tmp_path: Path) -> None:
+    from filter_quality import generate_batch
+    from score_profile import main as profile
+
+    batch = tmp_path / "batch"
+    generate_batch(batch, seed=40_003, n=8, image_size=64, inject=0.3)
+    profile([str(batch), "--batch-size", "4", "--out", str(tmp_path / "profile.txt")])
+    text = (tmp_path / "profile.txt").read_text()
+    stages = {line[:28].strip(): float(line[28:38]) for line in text.splitlines()[3:13]}
+    assert text.startswith("8 images in ")
+    assert 0 < stages["nets"] <= stages["metrics (incl. nets)"] <= stages["score_batch (all of it)"]
+    assert stages["score_batch (all of it)"] <= stages["the driver (all of it)"]
+    assert stages["wait for a batch"] > 0 and stages["part files"] > 0
