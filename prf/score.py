@@ -82,6 +82,15 @@ from prf.thresholds import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TODO_PREFIX = "prf-score-todo-"  # + host-pid-: the list of images a run scores (plan_run), under TMPDIR
+# Decoded images the DataLoader may hold ahead of the models: each worker decodes up to 4 batches ahead,
+# fewer when workers x batch size is large (prefetch_batches). On a GPU the DataLoader's pin-memory
+# thread copies every finished batch into pinned memory of the main process at once, about 50 KB per
+# image with the default checkpoints' crops, so this bounds that process's memory (~0.2 GB) whatever
+# --workers and --batch-size say. Without it 14 workers x 4 x 256 = 14 336 images could be in flight; the
+# one GPU run measured grew its RSS 9.7% from 600 to 3000 images (benchmarks/README.md, "On a GPU"),
+# which this is the likely cause of (not yet measured again). On a CPU the queued batches stay in the
+# workers' shared memory until used, and the cap changed nothing measurable.
+IN_FLIGHT_IMAGES = 4096
 
 
 @dataclass
@@ -577,7 +586,8 @@ def make_loader(
     workers: int,
     pin: bool,
 ) -> DataLoader:
-    """A DataLoader over ``todo`` in input order: images decoded once, in ``workers`` processes."""
+    """A DataLoader over ``todo`` in input order: images decoded once, in ``workers`` processes, each
+    ``prefetch_batches`` batches ahead."""
     return DataLoader(
         ScoreDataset(todo, specs, num_joints),
         batch_size=batch_size,
@@ -586,8 +596,14 @@ def make_loader(
         collate_fn=collate_items,
         pin_memory=pin,
         worker_init_fn=worker_init if workers else None,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=prefetch_batches(workers, batch_size) if workers else None,
     )
+
+
+def prefetch_batches(workers: int, batch_size: int) -> int:
+    """Batches each of ``workers`` (> 0) decode workers prepares ahead: 4, or fewer so that all of them
+    together hold about ``IN_FLIGHT_IMAGES`` images; at least 1 (a worker always has its next batch)."""
+    return max(1, min(4, IN_FLIGHT_IMAGES // (workers * batch_size)))
 
 
 def _drive(

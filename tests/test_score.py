@@ -378,3 +378,16 @@ def test_default_workers_decode_inline_on_a_small_cpu() -> None:
     assert default_workers("cpu", cpu_count=2) == 0
     assert default_workers("cpu", cpu_count=16) == 2
     assert default_workers("cuda", cpu_count=2) == 2
+
+
+def test_decoded_images_in_flight_stay_bounded_whatever_the_workers_and_batch_size() -> None:
+    from prf.score import IN_FLIGHT_IMAGES, make_loader, prefetch_batches
+
+    assert prefetch_batches(2, 32) == 4  # the CPU defaults: 256 images ahead, as before
+    assert prefetch_batches(14, 256) == 1  # the H200 run: 3584 images, not 14 x 4 x 256 = 14 336
+    assert prefetch_batches(64, 1024) == 1  # never below one batch per worker
+    for workers, batch_size in ((2, 32), (8, 64), (14, 256), (3, 100)):
+        ahead = workers * batch_size * prefetch_batches(workers, batch_size)
+        assert ahead <= max(IN_FLIGHT_IMAGES, workers * batch_size)
+    loader = make_loader([], [], 35, batch_size=256, workers=14, pin=False)
+    assert loader.prefetch_factor == 1
