@@ -45,6 +45,20 @@ def test_line_progress_prints_every_n_steps_with_speed_and_eta(monkeypatch: pyte
     assert lines == ["step 100/4000 (2%)  epoch 3  loss 0.5312  2.00 steps/s  ETA 32m30s"]
 
 
+def test_line_progress_ends_with_the_whole_runs_speed(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([100.0, 130.0])  # train start, train end 30 s later
+    monkeypatch.setattr("prf.train_progress.time.perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    progress = LineProgress(every_n_steps=100, stream=out)
+    progress.on_train_start(_trainer(0), None)
+    loader = SimpleNamespace(batch_size=64)
+    trainer = _trainer(60, train_dataloader=loader, world_size=2, accumulate_grad_batches=1)
+    progress.on_train_end(trainer, None)
+    assert out.getvalue() == "trained 60 steps in 30s: 2.00 steps/s, 256 images/s\n"  # 60 x 64 x 2 / 30
+    progress.on_train_end(_trainer(60, is_global_zero=False), None)  # other ranks print nothing
+    assert out.getvalue().count("\n") == 1
+
+
 def test_line_progress_reports_validation_metrics_on_rank_zero_only() -> None:
     out = io.StringIO()
     progress = LineProgress(stream=out)
