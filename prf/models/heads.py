@@ -136,7 +136,7 @@ def freeze_unreachable_parameters(net: PoseRegressorNet, input_size: int) -> lis
     Some timm features models compute more than the levels they return: HRNet's ``features_only`` model
     runs an "incre" module on each of its four branches and returns only the chosen ones, so the other
     modules and the stage-4 fusions feeding only them never receive a gradient. Plain training just skips
-    them, but DDP (the paper configs' strategy) stops at the first step with "parameters that were not
+    them, but DDP (the paper configs' strategy) stops at the second step with "parameters that were not
     used in producing the loss". Freezing them keeps DDP's cheap default (no per-step search for unused
     parameters) and leaves them out of the optimiser. Found by one eval-mode forward pass of a
     (1, 3, ``input_size``, ``input_size``) zero image and a gradient of every output's sum, so it follows
@@ -156,8 +156,9 @@ def freeze_unreachable_parameters(net: PoseRegressorNet, input_size: int) -> lis
             grads = torch.autograd.grad(total, [p for _, p in trainable], allow_unused=True)
     finally:
         net.train(was_training)
-    frozen = [name for (name, p), grad in zip(trainable, grads, strict=True) if grad is None]
-    for name, p in trainable:
-        if name in frozen:
+    frozen = []
+    for (name, p), grad in zip(trainable, grads, strict=True):
+        if grad is None:
             p.requires_grad_(False)
+            frozen.append(name)
     return frozen
