@@ -131,8 +131,12 @@ def run_seed(
 
 
 def _run_key(settings: SegSettings, setup: FilterSetup, pretrained: Path | None) -> dict[str, Any]:
-    """What a seed's result depends on besides the seed: settings, filter setup, and the bytes of the
-    thresholds file and of the checkpoints (the default ones when ``setup.models`` is None)."""
+    """What a seed's result depends on besides the seed: settings, filter setup, the bytes of the
+    thresholds file and of the checkpoints (the default ones when ``setup.models`` is None), and the
+    machine (``platform.platform()``): a seed trained on another machine moved by up to a point of mIoU
+    with identical data (benchmarks/README.md), so a mean never mixes machines."""
+    import platform
+
     from prf.checkpoint import sha256_file
 
     models = setup.models or sorted((ROOT / "checkpoints").glob("prf_model_*.pt"))
@@ -142,6 +146,7 @@ def _run_key(settings: SegSettings, setup: FilterSetup, pretrained: Path | None)
         "setup": asdict(setup),
         "pretrained": str(pretrained) if pretrained else None,
         "sha256": {str(f): sha256_file(f) for f in files if Path(f).is_file()},
+        "platform": platform.platform(),
     }
     return json.loads(json.dumps(key, default=str))
 

@@ -287,3 +287,6 @@ def test_downstream_seed_results_are_reused_only_for_the_same_run(tmp_path: Path
     thresholds.write_text("combine: any\n")  # other thresholds bytes: rerun
     seed_result(0, SegSettings(iterations=7), setup, tmp_path / "seed0", None)
     assert calls == [0, 0, 0]
+    monkeypatch.setattr("platform.platform", lambda: "another-machine")  # another machine: rerun
+    seed_result(0, SegSettings(iterations=7), setup, tmp_path / "seed0", None)
+    assert calls == [0, 0, 0, 0]
