@@ -127,7 +127,8 @@ def score_distributed(
     if accelerator not in ("auto", "cpu", "gpu", "cuda"):
         raise ValueError(f"--accelerator must be auto, cpu, gpu or cuda, got {accelerator!r}")
     started = time.perf_counter()
-    plan = plan_run(input_path, thresholds_path, models, out, limit)
+    with warnings_from_rank_zero_only(launched_rank(devices)):  # the same plan, and warnings, in every rank
+        plan = plan_run(input_path, thresholds_path, models, out, limit)
     try:  # the list of images to score is a temporary file of this rank (plan_run)
         if not plan.todo:  # nothing to score: no processes to launch; the first one merges what is there
             return finish_run(plan, started) if launched_rank(devices) == 0 else None
@@ -142,6 +143,17 @@ def score_distributed(
         return finish_run(plan, started) if rank == 0 else None
     finally:
         plan.release()
+
+
+@contextlib.contextmanager
+def warnings_from_rank_zero_only(rank: int) -> Iterator[None]:
+    """Within the block, warnings show in rank 0 only: every rank plans the same run, so a warning about
+    it (a checkpoint the thresholds were not calibrated for, ...) would otherwise print once per rank.
+    Errors still raise everywhere."""
+    with warnings.catch_warnings():
+        if rank != 0:
+            warnings.simplefilter("ignore")
+        yield
 
 
 @contextlib.contextmanager

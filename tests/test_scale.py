@@ -86,6 +86,19 @@ def test_two_gloo_processes_give_exactly_the_rows_of_one_process(env: Env, tmp_p
     assert provenance["input"] == str(env.batch.resolve())
 
 
+def test_a_warning_about_the_plan_shows_once_not_once_per_rank() -> None:
+    import warnings
+
+    from prf.score_distributed import warnings_from_rank_zero_only
+
+    for rank, expected in ((0, 1), (1, 0), (7, 0)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with warnings_from_rank_zero_only(rank):
+                warnings.warn("scored with another checkpoint", UserWarning, stacklevel=1)
+        assert len(seen) == expected
+
+
 def test_rank_parts_with_padding_duplicates_merge_exactly_once(tmp_path: Path) -> None:
     schema = score_io.scores_schema(["A"])
     out = tmp_path / "s.parquet"
