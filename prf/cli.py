@@ -7,6 +7,9 @@ line before any work starts, never as a traceback.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +66,33 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def show_info_logs() -> None:
+    """Print the project's INFO log lines (``prf.*`` loggers: the data split, frozen parameters, backbone
+    weights) to stderr as plain lines, in the first process only: DDP's other ranks run the same command
+    and would repeat every line. Python shows only warnings by default."""
+    if any(os.environ.get(name, "0") != "0" for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID")):
+        return
+    project = logging.getLogger("prf")
+    if not any(isinstance(h, _StderrHandler) for h in project.handlers):  # once, however often this runs
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        project.addHandler(handler)
+    project.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (a plain StreamHandler keeps the stream it was
+    made with, which a test runner's capture may since have closed)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ sets it; the property ignores it
+        pass
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -222,6 +252,8 @@ def train(
 ) -> None:
     """Train a PRF regressor stage (model A: synthetic; model B: pretrain, then finetune)."""
     from prf.train import parse_overrides, run_train
+
+    show_info_logs()
 
     flags = {
         "trainer.max_epochs": max_epochs,

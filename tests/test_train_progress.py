@@ -82,3 +82,28 @@ def test_progress_callbacks_pick_a_live_bar_only_on_a_terminal(monkeypatch: pyte
     monkeypatch.setattr("sys.stdout", terminal)
     callbacks, live = progress_callbacks(True)
     assert live and isinstance(callbacks[0], RichProgressBar)
+
+
+def test_prf_train_shows_info_log_lines_in_the_first_process_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    from prf.cli import show_info_logs
+
+    project = logging.getLogger("prf")
+    handlers, level = list(project.handlers), project.level
+    try:
+        for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP child: prints nothing of its own
+        show_info_logs()
+        logging.getLogger("prf.train").info("from rank 1")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        show_info_logs()
+        show_info_logs()  # a second call adds no second handler
+        logging.getLogger("prf.train").info("regressor data: 26 train, 1 val samples")
+        assert capsys.readouterr().err == "regressor data: 26 train, 1 val samples\n"
+    finally:
+        project.handlers[:] = handlers
+        project.setLevel(level)  # setLevel also clears the loggers' cached levels
