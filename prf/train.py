@@ -32,7 +32,7 @@ from prf.checkpoint import check_layout, load_export, plain, save_export
 from prf.data.datamodule import AugmentConfig, RegressorDataModule
 from prf.data.transforms import DEFAULT_CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD
 from prf.models.heads import build_regressor_net, freeze_unreachable_parameters
-from prf.models.losses import LossConfig
+from prf.models.losses import LossConfig, loss_outputs
 from prf.models.regressor import VAL_METRICS, OptimConfig, RegressorModule
 from prf.train_progress import progress_callbacks
 
@@ -309,13 +309,14 @@ def run_train(
     )
     if init is not None:
         _load_init(Path(init), net, smal, cfg)
-    frozen = freeze_unreachable_parameters(net, cfg.model.input_size)
+    frozen = freeze_unreachable_parameters(net, cfg.model.input_size, loss_outputs(cfg.loss))
     if frozen:
         logger.info(
-            "%d parameter tensors of %s feed none of the net's outputs (feature levels it computes but does "
-            "not return): frozen, so DDP never waits for their gradients",
+            "%d parameter tensors (%s ...) feed none of the outputs the loss reads (feature levels the "
+            "backbone computes but does not return, branches whose loss weights are 0): frozen, so DDP "
+            "never waits for their gradients",
             len(frozen),
-            cfg.model.backbone,
+            frozen[0],
         )
     module = RegressorModule(
         net, smal, cfg.loss, cfg.optim, cfg.model.input_size, cfg.model.projection, {"config": resolved}

@@ -16,6 +16,7 @@ from prf.data import datamodule
 from prf.data.batch import BatchReader
 from prf.data.datamodule import RegressorDataModule, RegressorDataset, batch_entries, split_indices
 from prf.models.heads import build_regressor_net, freeze_unreachable_parameters
+from prf.models.losses import LossConfig, loss_outputs
 from prf.train import load_train_config, parse_overrides, run_train
 
 TINY_HEADS = {
@@ -178,12 +179,34 @@ def test_levels_a_backbone_computes_but_does_not_return_are_frozen() -> None:
     assert freeze_unreachable_parameters(regnet, 64) == []
 
 
-@pytest.mark.parametrize("arch", ["pare", "hmr"])
-def test_hrnet_trains_under_ddp(data: dict[str, Path], tmp_path: Path, arch: str) -> None:
+def test_a_branch_whose_loss_terms_are_off_is_frozen() -> None:
+    smal = SMAL.builtin()
+    head = {**TINY_HEADS["pare"], "num_keypoints": 26}
+    on = loss_outputs(LossConfig())
+    off = loss_outputs(LossConfig(keypoints_detected=0.0, keypoint_heatmaps=0.0))
+    assert "keypoints_2d" in on and "keypoints_2d" not in off and "keypoint_heatmaps" not in off
+    net = build_regressor_net("pare", "regnetx_002", smal.num_joints, smal.num_betas, out_index=-2, **head)
+    assert freeze_unreachable_parameters(net, 64, on) == []
+    assert freeze_unreachable_parameters(net, 64, off) == [
+        "head.keypoint_layer.weight",
+        "head.keypoint_layer.bias",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [
+        ("pare", {}),
+        ("hmr", {}),
+        # a keypoint branch with both its loss terms off
+        ("pare", {"model.head.num_keypoints": 26, "loss.keypoints_detected": 0.0}),
+    ],
+)
+def test_hrnet_trains_under_ddp(data: dict[str, Path], tmp_path: Path, arch: str, extra: dict) -> None:
     """The paper configs' strategy (DDP) with an HRNet backbone: without the freeze above, DDP stops at
     the second step ("parameters that were not used in producing the loss")."""
     config = _config(data["root"], arch, strategy="ddp", max_steps=2, limit_val_batches=1)
-    overrides = {"model.backbone": "hrnet_w18_small", "model.input_size": 64}
+    overrides = {"model.backbone": "hrnet_w18_small", "model.input_size": 64, **extra}
     run = run_train("synthetic", data["batch"], config, run_dir=tmp_path / "run", overrides=overrides)
     export = load_export(run)
     assert export["backbone"] == "hrnet_w18_small" and export["steps_trained"] == 2

@@ -10,7 +10,7 @@ as in HMR / SPIN. ``s ~ 0.9`` means the body roughly fills the crop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -130,8 +130,12 @@ def build_regressor_net(
     return PoseRegressorNet(body, head)
 
 
-def freeze_unreachable_parameters(net: PoseRegressorNet, input_size: int) -> list[str]:
-    """Turn off ``requires_grad`` of the parameters no output of ``net`` depends on; returns their names.
+def freeze_unreachable_parameters(
+    net: PoseRegressorNet, input_size: int, outputs: Collection[str] | None = None
+) -> list[str]:
+    """Turn off ``requires_grad`` of the parameters none of ``outputs`` (RegressorOutput field names;
+    default every field) depends on; returns their names. Training passes the fields its loss reads
+    (``prf.models.losses.loss_outputs``), so a branch whose loss terms have weight 0 is frozen too.
 
     Some timm features models compute more than the levels they return: HRNet's ``features_only`` model
     runs an "incre" module on each of its four branches and returns only the chosen ones, so the other
@@ -151,8 +155,10 @@ def freeze_unreachable_parameters(net: PoseRegressorNet, input_size: int) -> lis
         with torch.enable_grad():
             probe = torch.zeros(1, 3, input_size, input_size, device=trainable[0][1].device)
             out = net(probe)
-            outputs = [getattr(out, f.name) for f in fields(out)]
-            total = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor))
+            wanted = [getattr(out, f.name) for f in fields(out) if outputs is None or f.name in outputs]
+            total = sum(o.float().sum() for o in wanted if isinstance(o, torch.Tensor))
+            if not isinstance(total, torch.Tensor):
+                raise ValueError(f"the net computes none of the outputs {sorted(outputs or [])}")
             grads = torch.autograd.grad(total, [p for _, p in trainable], allow_unused=True)
     finally:
         net.train(was_training)

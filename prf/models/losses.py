@@ -40,6 +40,29 @@ class LossConfig(BaseModel):
     heatmap_sigma: float = Field(1.0, gt=0.0)
 
 
+# Which RegressorOutput fields each loss term reads (RegressorLoss.forward). The SMAL terms see pose, betas
+# and camera through the body model; the term "keypoints_2d" is those SMAL keypoints projected, while the
+# output field ``keypoints_2d`` is the keypoint heatmaps' detection, read by "keypoints_detected".
+TERM_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "keypoints_2d": ("pose_rotmat", "betas", "cam"),
+    "keypoints_3d": ("pose_rotmat", "betas"),
+    "pose": ("pose_rotmat",),
+    "global_orient": ("pose_rotmat",),
+    "betas": ("betas",),
+    "cam_prior": ("cam",),
+    "keypoints_detected": ("keypoints_2d",),
+    "keypoint_heatmaps": ("keypoint_heatmaps",),
+    "joint_attention": ("attention",),
+    "parts": ("part_logits",),
+}
+
+
+def loss_outputs(config: LossConfig) -> set[str]:
+    """The RegressorOutput fields the loss reads with ``config``'s weights (terms of weight 0 read nothing):
+    parameters feeding only other fields get no gradient in training."""
+    return {field for term, fields in TERM_OUTPUTS.items() if getattr(config, term) > 0 for field in fields}
+
+
 def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
     """sum(w v) / sum(w) with 0 when nothing counts (keeps the graph)."""
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
