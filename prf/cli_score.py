@@ -38,12 +38,15 @@ def score(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="SCORES Parquet file (resumes if it exists).")
     ] = Path("scores.parquet"),
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per forward pass. Default: 32 on a CPU, 128 on a GPU.")
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
             help="DataLoader worker processes decoding images. Default: none (decode inline) on a CPU with "
-            "2 cores or fewer, where a worker competes with the models for the cores; else 2."
+            "2 cores or fewer, where a worker competes with the models for the cores; else 2; on a GPU "
+            "cores - 2, between 2 and 8."
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (one process).")] = "auto",
@@ -84,7 +87,7 @@ def _score(
     thresholds: Path,
     models: list[str] | None,
     out: Path,
-    batch_size: int,
+    batch_size: int | None,
     workers: int | None,
     device: str,
     limit: int | None,
@@ -96,13 +99,16 @@ def _score(
 
     devices, num_nodes, strategy, accelerator = distributed
     if devices * num_nodes > 1:  # several processes: Lightning's predict loop (imported only then)
-        from prf.score import default_workers
+        from prf.score import default_batch_size, default_workers
         from prf.score_distributed import score_distributed
 
         if processes not in (None, 1):
             raise ValueError("--processes shares one machine's CPU cores; it does not combine with --devices")
+        rank_device = "cuda" if accelerator in ("gpu", "cuda") else "cpu" if accelerator == "cpu" else device
         if workers is None:
-            workers = default_workers("cuda" if accelerator == "gpu" else device)
+            workers = default_workers(rank_device)
+        if batch_size is None:
+            batch_size = default_batch_size(rank_device)
 
         summary = score_distributed(
             input, thresholds, models, out, batch_size, workers, devices, num_nodes, strategy, accelerator,

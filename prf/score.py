@@ -139,14 +139,26 @@ def resolve_checkpoints(
 def default_workers(device: str, cpu_count: int | None = None) -> int:
     """DataLoader workers for scoring on ``device`` ("auto", "cpu", "cuda", ...) when the user sets none.
 
-    0 (decode in the main process) on a CPU device with <= 2 cores: a worker process competes with the
-    models' threads for the same cores, and each of torch's parallel ops waits for its slowest thread
+    On a CPU: 0 (decode in the main process) with <= 2 cores, where a worker process competes with the
+    models' threads for the same cores and each of torch's parallel ops waits for its slowest thread
     (measured on 2 cores, 2000 images: 80 images/s inline against 62 with one or two workers,
-    benchmarks/README.md). Else 2. ``cpu_count`` defaults to ``prf.cpu.usable_cores()`` (the affinity
-    mask, capped by a container's CPU quota).
+    benchmarks/README.md); else 2. On a GPU decoding is all the CPU does: cores - 2 (the main process and
+    the pin-memory thread keep two), between 2 and 8 (docs/scale.md: 4 to 8 per GPU; scoring's input
+    side takes 1.3-1.8 ms per 256 px PNG on one core here, so 8 workers prepare some 4000-6000 images/s).
+    ``cpu_count`` defaults to
+    ``prf.cpu.usable_cores()`` (the affinity mask, capped by a container's CPU quota).
     """
     cores = cpu_count if cpu_count is not None else usable_cores()
-    return 0 if resolve_device(device).type == "cpu" and cores <= 2 else 2
+    if resolve_device(device).type == "cpu":
+        return 0 if cores <= 2 else 2
+    return max(2, min(8, cores - 2))
+
+
+def default_batch_size(device: str) -> int:
+    """Images per forward pass when the user sets none: 32 on a CPU, 128 on a GPU, where a small batch
+    leaves the GPU waiting for the Python that launches its kernels (the H200 run used 256:
+    benchmarks/README.md; 128 leaves room for the paper-size nets on a 16 GB card)."""
+    return 32 if resolve_device(device).type == "cpu" else 128
 
 
 def resolve_device(device: str) -> torch.device:
@@ -400,7 +412,7 @@ def score(
     thresholds_path: str | os.PathLike[str],
     models: Sequence[str | os.PathLike[str]] | None = None,
     out: str | os.PathLike[str] = "scores.parquet",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     workers: int | None = 0,
     device: str = "auto",
     limit: int | None = None,
@@ -420,13 +432,15 @@ def score(
     first N input images; ``device``: "auto", "cpu", "cuda", "cuda:1", ...; AMP (float16) on CUDA.
     ``processes`` > 1 shares a CPU's cores between that many scoring processes (prf.score_parallel),
     each decoding inline; None picks the number (``default_processes``: one per core on a CPU with enough
-    images, else 1). ``workers`` None picks the decode workers of a one-process run (``default_workers``).
+    images, else 1). ``workers`` None picks the decode workers of a one-process run (``default_workers``),
+    ``batch_size`` None the images per forward pass (``default_batch_size``: 32 on a CPU, 128 on a GPU).
     """
     # imported here: prf.score_parallel builds on this module
     from prf.score_parallel import check_processes
 
-    check_run_options(batch_size, workers, limit, flush_rows)
     torch_device = resolve_device(device)
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
+    check_run_options(batch_size, workers, limit, flush_rows)
     check_processes(processes, torch_device, workers)
     started = time.perf_counter()
     plan = plan_run(input_path, thresholds_path, models, out, limit)

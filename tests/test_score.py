@@ -378,6 +378,15 @@ def test_default_workers_decode_inline_on_a_small_cpu() -> None:
     assert default_workers("cpu", cpu_count=2) == 0
     assert default_workers("cpu", cpu_count=16) == 2
     assert default_workers("cuda", cpu_count=2) == 2
+    assert default_workers("cuda", cpu_count=6) == 4  # the main process and the pin thread keep two
+    assert default_workers("cuda:1", cpu_count=16) == 8
+
+
+def test_default_batch_size_is_larger_on_a_gpu() -> None:
+    from prf.score import default_batch_size
+
+    assert default_batch_size("cpu") == 32 and default_batch_size("cuda") == 128
+    assert default_batch_size("auto") == (128 if torch.cuda.is_available() else 32)
 
 
 def test_decoded_images_in_flight_stay_bounded_whatever_the_workers_and_batch_size() -> None:
