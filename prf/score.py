@@ -145,8 +145,8 @@ def default_workers(device: str, cpu_count: int | None = None) -> int:
     benchmarks/README.md); else 2. On a GPU decoding is all the CPU does: cores - 2 (the main process and
     the pin-memory thread keep two), between 2 and 8 (docs/scale.md: 4 to 8 per GPU; scoring's input
     side takes 1.3-1.8 ms per 256 px PNG on one core here, so 8 workers prepare some 4000-6000 images/s).
-    ``cpu_count`` defaults to
-    ``prf.cpu.usable_cores()`` (the affinity mask, capped by a container's CPU quota).
+    ``cpu_count`` defaults to ``prf.cpu.usable_cores()`` (the affinity mask, capped by a container's CPU
+    quota).
     """
     cores = cpu_count if cpu_count is not None else usable_cores()
     if resolve_device(device).type == "cpu":
