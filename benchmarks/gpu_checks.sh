@@ -11,7 +11,8 @@
 #    throughput at batch 1024 (printed to the log only: at most 8 files come back from a device run).
 # 3. agreement: the first 500 images scored on the GPU (AMP float16 nets) and on the CPU (float32): how
 #    many verdicts and how far the metrics differ.
-# 4. memory: peak RSS and peak GPU memory of `prf score --device cuda` on 600 vs all IMAGES.
+# 4. memory: peak RSS and peak GPU memory of `prf score --device cuda` on 1000 vs all IMAGES, batch 16 so
+#    that both runs score more images than the DataLoader holds in flight (where RSS should level off).
 # 5. paper-size PRF: `prf train` with prf/configs/train_paper_synthetic.yaml as written (hrnet_w32, 224 px,
 #    batch 64, 16-mixed, DDP on every GPU) for 60 steps from random weights -- a check that the paper
 #    config trains on a GPU and its speed, not a trained model -- then the throughput benchmark with that
@@ -100,11 +101,11 @@ print(json.dumps({"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "cuda_peak_bytes": torch.cuda.max_memory_allocated()}))
 EOF
 }
-memory() {
-    for n in 600 "$IMAGES"; do
+memory() {  # batch 16: at most 14 workers x 4 x 16 = 896 images in flight, fewer than either run scores
+    for n in 1000 "$IMAGES"; do
         echo "images $n:"
         peak_memory score "$B" --thresholds thresholds.yaml --limit "$n" --device cuda --workers "$WORKERS" \
-            --batch-size 256 --quiet --out "$WORK/memory_$n/scores.parquet" | tail -1
+            --batch-size 16 --quiet --out "$WORK/memory_$n/scores.parquet" | tail -1
     done
 }
 export -f peak_memory memory
