@@ -287,6 +287,8 @@ def evaluate(
             "--no-flip-test gives the training validation's numbers."
         ),
     ] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes preparing the crops.")] = 0,
 ) -> None:
     """PA-MPJPE, S-MPJPE ("mm"), PCK@0.1 / 0.15 and the image count of a checkpoint on labelled data."""
     import json
@@ -294,9 +296,18 @@ def evaluate(
     from prf.body import SMAL
     from prf.evaluate import evaluate as run_evaluate
     from prf.evaluate import format_result
+    from prf.score import resolve_device
 
+    try:
+        torch_device = resolve_device(device)
+    except RuntimeError as err:  # torch's own message names the bad string
+        raise UserError(f"--device: {err}") from None
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
     body = SMAL.from_file(smal, family_data=family_data) if smal else None
-    result = run_evaluate(checkpoint, data, batch_size, limit, rows, body, flip_test=flip_test)
+    result = run_evaluate(
+        checkpoint, data, batch_size, limit, rows, body, workers, str(torch_device), flip_test=flip_test
+    )
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

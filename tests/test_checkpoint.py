@@ -4,6 +4,7 @@ and ``evaluate`` on a tiny generated batch."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,14 @@ def test_evaluate_on_a_tiny_batch(exported: tuple, smal: SMAL, tmp_path: Path) -
         values = batch_metrics(module(stacked["image"], stacked["crop_cam"]), stacked, SIZE)
     assert result["pck_0.15"] == pytest.approx(float(values["pck_0.15"].nanmean()), abs=1e-6)
     assert result["pa_mpjpe"] == pytest.approx(float(values["pa_mpjpe"].nanmean()), rel=1e-4)
+    # the command, with decode workers and an explicit device, gives the same numbers
+    from typer.testing import CliRunner
+
+    from prf.cli import app
+
+    args = ["evaluate", str(path), str(batch), "--batch-size", "4", "--no-flip-test", "--json"]
+    ran = CliRunner().invoke(app, [*args, "--device", "cpu", "--workers", "1"])
+    assert ran.exit_code == 0, ran.output
+    assert json.loads(ran.output)["pa_mpjpe"] == pytest.approx(result["pa_mpjpe"], rel=1e-6)
+    bad = CliRunner().invoke(app, [*args, "--device", "gpu7"])
+    assert bad.exit_code == 2 and "--device" in bad.output
