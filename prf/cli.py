@@ -296,12 +296,9 @@ def evaluate(
     from prf.body import SMAL
     from prf.evaluate import evaluate as run_evaluate
     from prf.evaluate import format_result
-    from prf.score import resolve_device
+    from prf.score import usable_device
 
-    try:
-        torch_device = resolve_device(device)
-    except RuntimeError as err:  # torch's own message names the bad string
-        raise UserError(f"--device: {err}") from None
+    torch_device = usable_device(device)
     if workers < 0:
         raise UserError(f"--workers must be >= 0, got {workers}")
     body = SMAL.from_file(smal, family_data=family_data) if smal else None

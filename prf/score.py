@@ -167,6 +167,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def usable_device(device: str) -> torch.device:
+    """``resolve_device``, checked before any work: a malformed name, or a CUDA device this machine does
+    not have, is a ValueError that names it (instead of torch's traceback at the first model load)."""
+    try:
+        torch_device = resolve_device(device)
+    except RuntimeError as err:  # torch's message names the bad string
+        raise ValueError(f"--device: {err}") from None
+    if torch_device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA device is available here (use cpu or auto)")
+        if torch_device.index is not None and torch_device.index >= count:
+            raise ValueError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    return torch_device
+
+
 class AutocastNet:
     """Calls a net under CUDA autocast (float16) and hands back float32 outputs, so the SMAL layer and the
     metrics after it run in full precision."""
@@ -438,7 +456,7 @@ def score(
     # imported here: prf.score_parallel builds on this module
     from prf.score_parallel import check_processes
 
-    torch_device = resolve_device(device)
+    torch_device = usable_device(device)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     check_run_options(batch_size, workers, limit, flush_rows)
     check_processes(processes, torch_device, workers)

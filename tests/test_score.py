@@ -382,6 +382,22 @@ def test_default_workers_decode_inline_on_a_small_cpu() -> None:
     assert default_workers("cuda:1", cpu_count=16) == 8
 
 
+def test_a_device_this_machine_lacks_is_an_error_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prf.score import usable_device
+
+    assert usable_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device: Invalid device string"):
+        usable_device("gpu7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device is available here"):
+        usable_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert usable_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        usable_device("cuda:2")
+
+
 def test_default_batch_size_is_larger_on_a_gpu() -> None:
     from prf.score import default_batch_size
 
