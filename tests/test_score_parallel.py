@@ -244,6 +244,9 @@ def test_bad_process_options_fail_before_any_work(
     tmp_path: Path, kwargs: dict, message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kwargs = dict(kwargs)  # the parametrize dict is shared: do not pop from it
+    if kwargs.get("device") == "cuda":  # as on a GPU machine: the refusal, not "no CUDA device here"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     if "start_method" in kwargs:
         monkeypatch.setenv(score_parallel.START_METHOD_ENV, kwargs.pop("start_method"))
     # the input does not exist: the option check must come first
