@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -72,7 +71,9 @@ def show_info_logs() -> None:
     """Print the project's INFO log lines (``prf.*`` loggers: the data split, frozen parameters, backbone
     weights) to stderr as plain lines, in the first process only: DDP's other ranks run the same command
     and would repeat every line. Python shows only warnings by default."""
-    if any(os.environ.get(name, "0") != "0" for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID")):
+    from prf.score_distributed import launched_rank
+
+    if launched_rank(devices=1) != 0:  # 0 exactly for the first process, whatever the devices per node
         return
     project = logging.getLogger("prf")
     if not any(isinstance(h, _StderrHandler) for h in project.handlers):  # once, however often this runs
