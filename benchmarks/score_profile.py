@@ -39,10 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from prf.score import REPO_ROOT, score  # noqa: E402
-
-THRESHOLDS = REPO_ROOT / "examples" / "thresholds-paper.yaml"  # any valid file: the verdicts are not timed
-DEFAULT_MODELS = [REPO_ROOT / "checkpoints" / "prf_model_a.pt", REPO_ROOT / "checkpoints" / "prf_model_b.pt"]
+from benchmarks.score_throughput import DEFAULT_MODELS, THRESHOLDS  # noqa: E402
+from prf.score import score  # noqa: E402
 
 # stage -> (file suffix, function name) pairs whose cumulative times add up to it
 STAGES: dict[str, list[tuple[str, str]]] = {

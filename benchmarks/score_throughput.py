@@ -40,6 +40,7 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,21 +64,30 @@ THRESHOLDS = REPO_ROOT / "examples" / "thresholds-paper.yaml"  # any valid file:
 DEFAULT_MODELS = [REPO_ROOT / "checkpoints" / "prf_model_a.pt", REPO_ROOT / "checkpoints" / "prf_model_b.pt"]
 
 
+def _forward_every_model(models: list[Path], batch_size: int, device: str = "cpu") -> Callable[[], None]:
+    """Load ``models`` on ``device``; a function that runs each once (net + SMAL, the flip test when the
+    checkpoint uses it, as scoring does; on CUDA under scoring's autocast) on random crops already there."""
+    predictors = [Predictor.from_checkpoint(m, device=device) for m in models]
+    sizes = {p.input_size for p in predictors}
+    crops = {size: torch.randn(batch_size, 3, size, size, device=device) for size in sizes}
+    cams = torch.tensor([[200.0, 32.0, 32.0]], device=device).repeat(batch_size, 1)
+    nets = [AutocastNet(p.net) if device == "cuda" else p.net for p in predictors]
+
+    def forward_all() -> None:
+        for p, net in zip(predictors, nets, strict=True):
+            cam = cams if p.projection == "perspective" else None
+            run_regressor(net, p.body, crops[p.input_size], cam, p.flip_test)
+
+    return forward_all
+
+
 def _raw_forward_process(
     models: list[Path], batch_size: int, batches: int, threads: int, barrier: Any, results: Any
 ) -> None:
     """One process of the raw measurement: load, warm up, wait for the others, time ``batches`` batches
     of every model; puts (start, end, images) on ``results`` (time.monotonic, shared by all processes)."""
     torch.set_num_threads(threads)
-    predictors = [Predictor.from_checkpoint(m) for m in models]
-    crops = {p.input_size: torch.randn(batch_size, 3, p.input_size, p.input_size) for p in predictors}
-    cams = torch.tensor([[200.0, 32.0, 32.0]]).repeat(batch_size, 1)
-
-    def forward_all() -> None:
-        for p in predictors:
-            cam = cams if p.projection == "perspective" else None
-            run_regressor(p.net, p.body, crops[p.input_size], cam, p.flip_test)
-
+    forward_all = _forward_every_model(models, batch_size)
     with torch.inference_mode():
         forward_all()  # warm-up
         barrier.wait()
@@ -114,18 +124,8 @@ def raw_forward_images_per_s(models: list[Path], batch_size: int, images: int, p
 def raw_forward_cuda_images_per_s(models: list[Path], batch_size: int, images: int) -> float:
     """Images/s of every model on the GPU under autocast, on random crops already in GPU memory, about
     ``images`` images in all: the ceiling of ``prf score --device cuda`` (module docstring)."""
-    predictors = [Predictor.from_checkpoint(m, device="cuda") for m in models]
-    sizes = {p.input_size for p in predictors}
-    crops = {size: torch.randn(batch_size, 3, size, size, device="cuda") for size in sizes}
-    cams = torch.tensor([[200.0, 32.0, 32.0]], device="cuda").repeat(batch_size, 1)
-    nets = [AutocastNet(p.net) for p in predictors]
+    forward_all = _forward_every_model(models, batch_size, "cuda")
     batches = max(3, images // batch_size)
-
-    def forward_all() -> None:
-        for p, net in zip(predictors, nets, strict=True):
-            cam = cams if p.projection == "perspective" else None
-            run_regressor(net, p.body, crops[p.input_size], cam, p.flip_test)
-
     with torch.inference_mode():
         for _ in range(3):  # warm-up: cuDNN's algorithm search, the allocator's first blocks
             forward_all()
