@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one script (run it on a CUDA machine; results go to OUT):
 #
-#     bash benchmarks/gpu_checks.sh OUT [IMAGES] [DECODE_WORKERS]
+#     bash benchmarks/gpu_checks.sh OUT [IMAGES] [DECODE_WORKERS] [GPU_PROCESSES]
 #
 # 1. generate: a BATCH of IMAGES (default 3000) 128 px PNG renders, 30% with injected failures (run seed
 #    40 100, disjoint from every training and benchmark batch), one render process per spare core.
 # 2. throughput: benchmarks/score_throughput.py --device cuda on it with the default checkpoints (#5's ratio
 #    end to end / raw forward on the GPU), batch 256, DECODE_WORKERS (default: cores - 2) decode workers.
 #    Then where a batch's time goes (benchmarks/score_profile.py, OUT/score_profile_cuda.txt), and the
-#    throughput at batch 1024 (printed to the log only: at most 8 files come back from a device run).
+#    throughput at batch 1024, and of GPU_PROCESSES (default: cores / 2, at most 8) scoring processes
+#    sharing the GPU, each decoding inline (`prf score --device cuda --processes P`, batch 256; both
+#    printed to the log only: at most 8 files come back from a device run).
 # 3. agreement: the first 500 images scored on the GPU (AMP float16 nets) and on the CPU (float32): how
 #    many verdicts and how far the metrics differ.
 # 4. memory: peak RSS and peak GPU memory of `prf score --device cuda` on 1000 vs all IMAGES, batch 16 so
@@ -23,13 +25,14 @@
 #    divides by step 5's PRF cost per image.
 #
 # Each step runs on its own (one failing does not stop the others) and appends to OUT/log.txt; its
-# result files land in OUT. Runs in about 6 minutes on one H200 with 16 cores (4 min 52 s before the
-# profile and batch-1024 steps were added).
+# result files land in OUT. Runs in about 7 minutes on one H200 with 16 cores (4 min 52 s before the
+# profile, batch-1024 and GPU-processes steps were added; the 7 is an estimate, not yet measured).
 set -u
-OUT=${1:?usage: gpu_checks.sh OUT [IMAGES] [DECODE_WORKERS]}
+OUT=${1:?usage: gpu_checks.sh OUT [IMAGES] [DECODE_WORKERS] [GPU_PROCESSES]}
 IMAGES=${2:-3000}
 CORES=$(nproc)
 WORKERS=${3:-$((CORES > 4 ? CORES - 2 : 2))}
+GPU_PROCESSES=${4:-$((CORES / 2 > 8 ? 8 : (CORES / 2 > 2 ? CORES / 2 : 2)))}
 WORK=${WORK:-/tmp/prf-gpu-checks}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -84,6 +87,8 @@ step profile 90 python3 benchmarks/score_profile.py "$B" --device cuda --workers
     --out "$OUT/score_profile_cuda.txt"
 step throughput_1024 120 python3 benchmarks/score_throughput.py "$B" --device cuda --workers "$WORKERS" \
     --batch-size 1024 --repeats 1 --out "$WORK/score_throughput_cuda_1024.json"
+step gpu_processes 180 python3 benchmarks/score_throughput.py "$B" --device cuda --workers "$WORKERS" \
+    --processes "$GPU_PROCESSES" --batch-size 256 --repeats 1 --out "$WORK/score_throughput_cuda_processes.json"
 
 export -f agreement
 step agreement 90 agreement

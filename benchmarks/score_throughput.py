@@ -4,6 +4,7 @@
         [--limit N] [--repeats 3] [--out JSON]
     python benchmarks/score_throughput.py --quick      # smoke run on a fresh 64-image batch, one round
     python benchmarks/score_throughput.py BATCH --device cuda [--workers 8] [--batch-size 256]  # on a GPU
+        [--processes P]
 
 Two layouts of the machine's cores are measured: one process with every core's torch threads, and
 P processes with cores / P threads each (``prf score --processes``; P defaults to the number of cores, what
@@ -20,9 +21,11 @@ P processes with cores / P threads each (``prf score --processes``; P defaults t
   first half: the images/s of a long run, without the fixed costs of a call (imports of the spawned
   processes, model loading, the merge), which the raw figure leaves out too.
 
-``--device cuda`` measures one layout instead: one process on the GPU with ``--workers`` DataLoader workers
-decoding (``prf score --device cuda --workers W``). Its raw figure is both models under CUDA autocast
-(float16, as scoring runs them) on random crops already on the GPU, timed between synchronisations.
+``--device cuda`` measures one process on the GPU with ``--workers`` DataLoader workers decoding (``prf score
+--device cuda --workers W``), and with ``--processes P`` (P > 1) also P spawned processes sharing the GPU,
+each decoding inline (``prf score --device cuda --processes P``). The raw figure of the first is both models
+under CUDA autocast (float16, as scoring runs them) on random crops already on the GPU, timed between
+synchronisations; of the second, the same in P processes at once (the GPU's ceiling from P processes).
 
 The ratio end-to-end / raw of the same layout is the figure of merit (issue target >= 0.8), measured in
 ``--repeats`` rounds of (raw, end to end, raw) for each layout back to back, the raw figure being the
@@ -82,31 +85,45 @@ def _forward_every_model(models: list[Path], batch_size: int, device: str = "cpu
 
 
 def _raw_forward_process(
-    models: list[Path], batch_size: int, batches: int, threads: int, barrier: Any, results: Any
+    models: list[Path],
+    batch_size: int,
+    batches: int,
+    threads: int,
+    barrier: Any,
+    results: Any,
+    device: str = "cpu",
 ) -> None:
     """One process of the raw measurement: load, warm up, wait for the others, time ``batches`` batches
-    of every model; puts (start, end, images) on ``results`` (time.monotonic, shared by all processes)."""
+    of every model; puts (start, end, images) on ``results`` (time.monotonic, shared by all processes).
+    On CUDA the timestamps are taken with the GPU's queue empty."""
     torch.set_num_threads(threads)
-    forward_all = _forward_every_model(models, batch_size)
+    forward_all = _forward_every_model(models, batch_size, device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     with torch.inference_mode():
-        forward_all()  # warm-up
+        for _ in range(3 if device == "cuda" else 1):  # warm-up (on CUDA: cuDNN's algorithm search)
+            forward_all()
+        sync()
         barrier.wait()
         started = time.monotonic()
         for _ in range(batches):
             forward_all()
+        sync()
         results.put((started, time.monotonic(), batches * batch_size))
 
 
-def raw_forward_images_per_s(models: list[Path], batch_size: int, images: int, processes: int) -> float:
-    """Images/s of every model on in-memory crops in ``processes`` processes at once (module docstring),
-    about ``images`` images in all."""
+def raw_forward_images_per_s(
+    models: list[Path], batch_size: int, images: int, processes: int, device: str = "cpu"
+) -> float:
+    """Images/s of every model on in-memory crops in ``processes`` processes at once on ``device``
+    (module docstring), about ``images`` images in all."""
     threads = max(1, usable_cores() // processes)
     batches = max(3, images // (batch_size * processes))
     context = mp.get_context("spawn")
     barrier, results = context.Barrier(processes), context.Queue()
     workers = [
         context.Process(
-            target=_raw_forward_process, args=(models, batch_size, batches, threads, barrier, results)
+            target=_raw_forward_process,
+            args=(models, batch_size, batches, threads, barrier, results, device),
         )
         for _ in range(processes)
     ]
@@ -146,8 +163,8 @@ def end_to_end_seconds(
     device: str = "cpu",
     workers: int = 0,
 ) -> tuple[float, int]:
-    """Seconds of a whole ``prf.score.score`` call with ``processes`` processes (decoding inline) or, on
-    a GPU, ``workers`` decode workers, on the first ``limit`` images of ``batch``; returns (seconds,
+    """Seconds of a whole ``prf.score.score`` call with ``processes`` processes (decoding inline) or, in
+    one process, ``workers`` decode workers, on the first ``limit`` images of ``batch``; returns (seconds,
     images scored)."""
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -167,12 +184,12 @@ def measure_round(args: argparse.Namespace, processes: int) -> dict[str, float]:
     models = list(args.models)
     images = args.limit or count_images(args.batch)
     cuda = args.device == "cuda"
-    workers = args.workers if cuda else 0
+    workers = decode_workers(args, processes)
 
     def raw() -> float:
-        if cuda:
+        if cuda and processes == 1:
             return raw_forward_cuda_images_per_s(models, args.batch_size, images // 2)
-        return raw_forward_images_per_s(models, args.batch_size, images // 2, processes)
+        return raw_forward_images_per_s(models, args.batch_size, images // 2, processes, args.device)
 
     def end_to_end(limit: int | None) -> tuple[float, int]:
         return end_to_end_seconds(args.batch, models, args.batch_size, processes, limit, args.device, workers)
@@ -195,6 +212,19 @@ def measure_round(args: argparse.Namespace, processes: int) -> dict[str, float]:
     }
 
 
+def layouts_of(args: argparse.Namespace) -> list[int]:
+    """Process counts to measure: 1 and ``--processes`` (on a CPU, default: every core; on a GPU only
+    when given)."""
+    if args.processes is None:
+        return [1] if args.device == "cuda" else sorted({1, usable_cores()})
+    return sorted({1, args.processes})
+
+
+def decode_workers(args: argparse.Namespace, processes: int) -> int:
+    """DataLoader decode workers of a layout: ``--workers`` for one process on a GPU, else 0 (inline)."""
+    return args.workers if args.device == "cuda" and processes == 1 else 0
+
+
 def count_images(batch: Path) -> int:
     """Images in ``batch`` (a BATCH folder, an Animal3D JSON or an image folder), counted without decoding."""
     return sum(1 for _ in iter_samples(batch))
@@ -212,12 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=Path, nargs=2, default=DEFAULT_MODELS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--processes", type=int, default=usable_cores(), help="the several-process layout (default: cores)"
+        "--processes",
+        type=int,
+        help="the several-process layout (default: every core on a CPU; none on a GPU)",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the GPU layouts")
     parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the one-process GPU layout instead"
+        "--workers", type=int, default=8, help="--device cuda, one process: DataLoader decode workers"
     )
-    parser.add_argument("--workers", type=int, default=8, help="--device cuda: DataLoader decode workers")
     parser.add_argument("--limit", type=int, help="score only the first N images (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per layout; the median is kept")
     parser.add_argument(
@@ -245,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every round of both layouts (module docstring) on ``args.batch``; the JSON-ready result."""
     cores = usable_cores()
-    layouts = [1] if args.device == "cuda" else sorted({1, args.processes})
+    layouts = layouts_of(args)
     rounds: dict[int, list[dict[str, float]]] = {processes: [] for processes in layouts}
     for _ in range(args.repeats):
         for processes in layouts:
@@ -263,11 +295,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "cores": cores,
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        "decode_workers": args.workers if args.device == "cuda" else 0,
         "layouts": [
             {
                 "processes": processes,
-                "torch_threads_per_process": None if args.device == "cuda" else max(1, cores // processes),
+                "decode_workers": decode_workers(args, processes),
+                "torch_threads_per_process": max(1, cores // processes),
                 "median_ratio_round": median_by(rounds[processes], "ratio"),
                 "median_marginal_ratio_round": median_by(rounds[processes], "marginal_ratio"),
                 "rounds": rounds[processes],

@@ -54,9 +54,10 @@ def score(
         int | None,
         typer.Option(
             help="Scoring processes sharing this machine's CPU cores, each with cores / N torch threads "
-            "(faster than one process for these small models). Default: one per core on a CPU (at most 8) "
-            "with at least 250 images per process when they can be forked (one thread each, Linux), "
-            "1000 when spawned, else 1. Not with --workers or a GPU."
+            "and decoding inline (faster than one process for these small models). Default: one per core "
+            "on a CPU (at most 8) with at least 250 images per process when they can be forked (one "
+            "thread each, Linux), 1000 when spawned, else 1. With --device cuda they share the GPU "
+            "(spawned; default 1 there). Not with --workers."
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Score only the first N input images.")] = None,

@@ -448,10 +448,11 @@ def score(
     before any model is loaded. Rows are streamed to part files (every ``flush_rows`` rows or 30 s); a
     rerun with the same ``out`` skips the images already scored (prf.score_io). ``limit`` scores only the
     first N input images; ``device``: "auto", "cpu", "cuda", "cuda:1", ...; AMP (float16) on CUDA.
-    ``processes`` > 1 shares a CPU's cores between that many scoring processes (prf.score_parallel),
-    each decoding inline; None picks the number (``default_processes``: one per core on a CPU with enough
-    images, else 1). ``workers`` None picks the decode workers of a one-process run (``default_workers``),
-    ``batch_size`` None the images per forward pass (``default_batch_size``: 32 on a CPU, 128 on a GPU).
+    ``processes`` > 1 shares a CPU's cores (and the GPU, on CUDA) between that many scoring processes
+    (prf.score_parallel), each decoding inline; None picks the number (``default_processes``: one per
+    core on a CPU with enough images, else 1). ``workers`` None picks the decode workers of a one-process
+    run (``default_workers``), ``batch_size`` None the images per forward pass (``default_batch_size``: 32
+    on a CPU, 128 on a GPU).
     """
     # imported here: prf.score_parallel builds on this module
     from prf.score_parallel import check_processes
@@ -498,7 +499,7 @@ def _score_todo(
     if count == 1 and workers is None:
         workers = default_workers(torch_device.type)
     if count > 1:
-        score_in_processes(plan, count, batch_size, flush_rows, smal, progress)
+        score_in_processes(plan, count, batch_size, flush_rows, smal, progress, torch_device)
     else:
         scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch_device, smal)
         plan.store.start(plan.provenance)

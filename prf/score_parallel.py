@@ -1,4 +1,5 @@
-"""``prf score --processes N``: one machine's CPU cores shared by N scoring processes.
+"""``prf score --processes N``: one machine's CPU cores (and its GPU, if scoring on one) shared by N
+scoring processes.
 
 Why: the regressors are small, and their convolutions gain little from a second torch thread. On the
 2-core machine of benchmarks/README.md, both models run 144-154 images/s with 2 threads in one process
@@ -26,6 +27,14 @@ The caller merges them once all have finished (prf.score.finish_run), into input
 (prf.score_io.merge). An interrupted run resumes as a one-process run does, since the finished parts stay.
 
 Images are decoded inline in each process (no DataLoader workers): the processes already fill the cores.
+
+On a GPU (``--device cuda``) the processes share it: every one is spawned (CUDA cannot run in a forked
+child), loads the models onto that device and runs them under autocast, as a one-process run does. Why:
+one process runs each batch's Python (decoding hand-off, inputs, metrics, rows, part files; about 0.6 ms
+per image, benchmarks/score_profile.py) in series with its GPU work, which capped the one GPU run measured
+at 0.23 of the raw forward pass (benchmarks/README.md, "On a GPU"); N processes overlap it N ways, and the
+GPU interleaves their kernels. Not measured on a GPU yet (benchmarks/gpu_checks.sh has the step), so
+"auto" still picks one process there.
 """
 
 from __future__ import annotations
@@ -58,18 +67,25 @@ MIN_IMAGES_PER_FORKED_PROCESS = 250  # measured: 500 images 3.4-3.6 s forked x2,
 MAX_AUTO_PROCESSES = 8  # "auto" never starts more (each process holds its own torch runtime, ~300 MB)
 START_METHOD_ENV = "PRF_SCORE_START_METHOD"  # "spawn" forces spawning (module docstring)
 
+CPU = torch.device("cpu")
+
 LoadedModels = tuple[list[ScoringModel], list[CropSpec]]
 
 
-def start_method(threads_per_process: int) -> str:
+def start_method(threads_per_process: int, device: torch.device = CPU) -> str:
     """The start method, "fork" or "spawn", for processes that run ``threads_per_process`` torch threads
-    (module docstring).
+    and score on ``device`` (module docstring: always "spawn" on a GPU).
 
     Raises:
         ValueError: ``PRF_SCORE_START_METHOD`` is set to something other than "spawn" or "fork", or to
-            "fork" for processes of more than one thread.
+            "fork" for processes of more than one thread or on a GPU.
     """
     forced = forced_start_method()
+    if forced == "fork" and device.type != "cpu":
+        raise ValueError(
+            f"{START_METHOD_ENV}=fork cannot score on {device}: CUDA does not run in a forked child; "
+            "unset it (processes on a GPU are spawned)"
+        )
     if forced == "fork" and threads_per_process > 1:
         raise ValueError(
             f"{START_METHOD_ENV}=fork needs one torch thread per process (this run gives each "
@@ -77,7 +93,7 @@ def start_method(threads_per_process: int) -> str:
         )
     if forced:
         return forced
-    forks = sys.platform == "linux" and threads_per_process == 1
+    forks = sys.platform == "linux" and threads_per_process == 1 and device.type == "cpu"
     return "fork" if forks and _no_other_python_thread() else "spawn"
 
 
@@ -105,10 +121,10 @@ def default_processes(
 ) -> int:
     """Processes for ``prf score`` when the user sets none ("auto").
 
-    One on a GPU (``--devices`` is the multi-GPU path) or when decode workers were asked for (``workers``
-    > 0; None: not set); else one per core, at most ``MAX_AUTO_PROCESSES`` and at most one per
-    ``MIN_IMAGES_PER_FORKED_PROCESS`` images when the processes can be forked (``start_method``), else
-    one per ``MIN_IMAGES_PER_PROCESS``.
+    One on a GPU (several share one, but that is not measured yet: module docstring; ``--devices`` is
+    the multi-GPU path) or when decode workers were asked for (``workers`` > 0; None: not set); else one
+    per core, at most ``MAX_AUTO_PROCESSES`` and at most one per ``MIN_IMAGES_PER_FORKED_PROCESS``
+    images when the processes can be forked (``start_method``), else one per ``MIN_IMAGES_PER_PROCESS``.
     """
     if device.type != "cpu" or (workers or 0) > 0:
         return 1
@@ -129,10 +145,9 @@ def check_processes(processes: int | None, device: torch.device, workers: int | 
         return
     if processes < 1:
         raise ValueError(f"--processes must be >= 1 (or auto), got {processes}")
-    if device.type != "cpu":
-        raise ValueError(
-            f"--processes {processes} shares CPU cores; on {device} use --devices for several GPUs"
-        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--processes {processes} runs on a CPU or one CUDA device, not on {device}")
+    start_method(1, device)  # a forced fork on a GPU
     if (workers or 0) > 0:
         raise ValueError(
             f"--processes {processes} decodes inline in every process; drop --workers {workers} "
@@ -178,6 +193,7 @@ class _RankJob:
     flush_rows: int
     processes: int
     counters: _SharedCounters
+    device: torch.device = CPU
 
 
 def _score_slices(
@@ -190,8 +206,9 @@ def _score_slices(
     ``loaded``: the models (inherited by a forked process), or None to load them here."""
     plan, counters, batch_size = job.plan, job.counters, job.batch_size
     if loaded is None:
-        loaded = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), job.smal)
+        loaded = load_models(plan.thresholds, plan.checkpoints, job.device, job.smal)
     models, specs = loaded
+    amp = job.device.type == "cuda"  # float16 autocast, as a one-process run on a GPU
     num_joints = models[0].predictor.body.num_joints
     store = PartStore(plan.out, rank)
     store.start(plan.provenance)
@@ -203,7 +220,7 @@ def _score_slices(
                 before_batch()
                 refs = plan.todo[first : min(first + batch_size, work.stop)]
                 items = [load_item(ref, specs, num_joints) for ref in refs]
-                writer.extend(score_batch(models, collate_items(items), combine))
+                writer.extend(score_batch(models, collate_items(items), combine, amp))
                 counters.add(counters.done, len(items))
     finally:
         writer.flush()  # finished rows are complete: keep them even when the run is interrupted
@@ -229,9 +246,11 @@ def score_in_processes(
     flush_rows: int,
     smal: SMAL | None,
     progress: Progress,
+    device: torch.device = CPU,
 ) -> None:
-    """Score ``plan.todo`` with ``processes`` processes (module docstring), showing ``progress`` (entered
-    here, once the other processes have started: a forked child must not inherit its display thread).
+    """Score ``plan.todo`` with ``processes`` processes on ``device`` (module docstring), showing
+    ``progress`` (entered here, once the other processes have started: a forked child must not inherit
+    its display thread).
 
     A process that fails (or does not start) is a warning with its traceback when the others scored
     every image anyway (they take the slices it leaves).
@@ -241,10 +260,10 @@ def score_in_processes(
             already written stay in the parts folder, and rerunning the same command scores the rest.
     """
     threads = max(1, usable_cores() // processes)
-    method = start_method(threads)
+    method = start_method(threads, device)
     context = mp.get_context(method)
     counters = _SharedCounters(context)
-    job = _RankJob(plan, smal, batch_size, flush_rows, processes, counters)
+    job = _RankJob(plan, smal, batch_size, flush_rows, processes, counters, device)
     errors = context.Queue()
     PartStore(plan.out, 0).start(plan.provenance)  # run.json exists before any other rank checks it
     own_threads = torch.get_num_threads()
@@ -265,7 +284,7 @@ def score_in_processes(
         torch.set_num_threads(threads)
         loaded = None
         if method == "fork":  # loaded before forking: the children inherit the models
-            loaded = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
+            loaded = load_models(plan.thresholds, plan.checkpoints, device, smal)
             sys.stdout.flush()
             sys.stderr.flush()  # else a child could write this process's buffered output again
         spawned += [

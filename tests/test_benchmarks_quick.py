@@ -50,9 +50,25 @@ def test_score_throughput_quick_measures_both_layouts(tmp_path: Path) -> None:
     assert [layout["processes"] for layout in result["layouts"]] == [1, 2]
     for layout in result["layouts"]:
         assert len(layout["rounds"]) == 1  # --quick: one round
+        assert layout["decode_workers"] == 0  # a CPU layout decodes inline
         measured = layout["median_ratio_round"]
         assert measured["images"] == 64
         assert measured["end_to_end_images_per_s"] > 0 and measured["raw_forward_images_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("device", "processes", "layouts", "workers"),
+    [("cuda", None, [1], [8]), ("cuda", 6, [1, 6], [8, 0]), ("cpu", 2, [1, 2], [0, 0])],
+)
+def test_score_throughput_layouts(device: str, processes: int | None, layouts: list, workers: list) -> None:
+    """On a GPU: one process with decode workers, plus P processes decoding inline when --processes P."""
+    from argparse import Namespace
+
+    from score_throughput import decode_workers, layouts_of
+
+    args = Namespace(device=device, processes=processes, workers=8)
+    assert layouts_of(args) == layouts
+    assert [decode_workers(args, p) for p in layouts] == workers
 
 
 def test_generation_throughput_quick_measures_every_backend(tmp_path: Path) -> None:

@@ -196,8 +196,9 @@ def test_start_method_forks_only_single_threaded_processes(monkeypatch: pytest.M
     finally:
         release.set()
         other.join()
-    monkeypatch.setattr(score_parallel.sys, "platform", "darwin")
     monkeypatch.setattr(score_parallel, "_no_other_python_thread", lambda: True)
+    assert score_parallel.start_method(1, torch.device("cuda")) == "spawn"  # CUDA in a forked child fails
+    monkeypatch.setattr(score_parallel.sys, "platform", "darwin")
     assert score_parallel.start_method(1) == "spawn"
 
 
@@ -236,7 +237,8 @@ def test_slices_cover_every_image_once_and_shrink_towards_the_end(
     [
         ({"processes": 0}, "--processes must be >= 1"),
         ({"processes": 2, "workers": 2}, "drop --workers 2"),
-        ({"processes": 2, "device": "cuda"}, "use --devices"),
+        ({"processes": 2, "device": "cuda", "start_method": "fork"}, "CUDA does not run in a forked child"),
+        ({"processes": 2, "device": "meta"}, "runs on a CPU or one CUDA device"),
         ({"processes": None, "start_method": "forkserver"}, "PRF_SCORE_START_METHOD must be"),
     ],
 )
@@ -253,3 +255,38 @@ def test_bad_process_options_fail_before_any_work(
     with pytest.raises(ValueError, match=message):
         score(tmp_path / "missing", tmp_path / "missing.yaml", out=tmp_path / "s.parquet", **kwargs)
     assert not any(tmp_path.iterdir())
+
+
+def test_processes_on_a_gpu_load_the_models_there_and_run_them_under_autocast(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a GPU rank does differently (``--device cuda --processes N``), checked without a GPU: it loads
+    the models onto the run's device and asks ``score_batch`` for autocast; the models here are loaded on
+    the CPU and run without it, and the rank still writes every row."""
+    asked: dict[str, list] = {"device": [], "amp": []}
+    real_load, real_score_batch = score_parallel.load_models, score_parallel.score_batch
+
+    def load_models(thresholds, checkpoints, device, smal):
+        asked["device"].append(device)
+        return real_load(thresholds, checkpoints, torch.device("cpu"), smal)
+
+    def score_batch(models, batch, combine, amp=False):
+        asked["amp"].append(amp)
+        return real_score_batch(models, batch, combine)
+
+    monkeypatch.setattr(score_parallel, "load_models", load_models)
+    monkeypatch.setattr(score_parallel, "score_batch", score_batch)
+    scratch_tmpdir(tmp_path, monkeypatch)
+    out = tmp_path / "scores.parquet"
+    plan = score_module.plan_run(env.batch, env.loose, [env.a, env.b], out, None)
+    try:
+        counters = score_parallel._SharedCounters(mp.get_context("spawn"))
+        gpu = torch.device("cuda", 0)
+        job = score_parallel._RankJob(plan, None, BATCH_SIZE, 1024, 1, counters, gpu)
+        score_parallel._score_slices(0, job, None)
+    finally:
+        plan.release()
+    assert asked["device"] == [gpu]
+    assert asked["amp"] and all(asked["amp"]) and len(asked["amp"]) == N_IMAGES // BATCH_SIZE
+    written = pd.concat(pd.read_parquet(part) for part in plan.store.part_files())
+    assert sorted(written["image_id"]) == sorted(run(env, tmp_path / "one.parquet")["image_id"])
