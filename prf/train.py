@@ -216,6 +216,44 @@ def _check_resume(run_dir: Path, resolved: dict[str, Any]) -> None:
         )
 
 
+def _optimised_tensors(checkpoint: Path) -> int:
+    """How many parameter tensors the optimiser saved in a Lightning ``checkpoint`` covers."""
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        groups = saved["optimizer_states"][0]["param_groups"]
+        return sum(len(group["params"]) for group in groups)
+    except Exception as err:  # an unreadable file, or one Lightning did not write
+        raise ValueError(f"cannot resume from {checkpoint}: no readable optimiser state ({err})") from err
+
+
+def _unfreeze_for_an_older_run(
+    last: Path, module: torch.nn.Module, net: torch.nn.Module, frozen: Sequence[str]
+) -> None:
+    """Resume a run started before ``freeze_unreachable_parameters`` existed (or froze these tensors):
+    its optimiser covers the now-frozen tensors too, so Lightning could not load its state. They never
+    got a gradient in that run, so training them again (``requires_grad``) resumes it exactly; only DDP
+    minds such tensors, and such a run could not have trained under DDP. Any other mismatch is an error
+    that names the checkpoint (before Lightning's own, which does not say why)."""
+    saved = _optimised_tensors(last)
+    trainable = sum(p.requires_grad for p in module.parameters())
+    if saved == trainable:
+        return
+    if saved != trainable + len(frozen):
+        raise ValueError(
+            f"cannot resume {last}: its optimiser holds {saved} parameter tensors, this run trains "
+            f"{trainable}; choose a new --run-dir (or start one from its export with --init)"
+        )
+    params = dict(net.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(True)
+    logger.warning(
+        "%s was written before prf froze the %d parameter tensors no loss term depends on; they stay "
+        "trainable in this run so that it resumes as it began (they get no gradient either way)",
+        last,
+        len(frozen),
+    )
+
+
 def _load_init(init: Path, net: torch.nn.Module, smal: SMAL, cfg: TrainConfig) -> None:
     export = load_export(init)
     check_layout(export["smal_layout"], smal.layout_signature(), f"--init {init}")
@@ -321,6 +359,8 @@ def run_train(
     module = RegressorModule(
         net, smal, cfg.loss, cfg.optim, cfg.model.input_size, cfg.model.projection, {"config": resolved}
     )
+    if resume and frozen:
+        _unfreeze_for_an_older_run(last, module, net, frozen)
     datamodule = RegressorDataModule(
         cfg.data.train,
         cfg.data.val or None,

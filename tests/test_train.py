@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+import prf.train as train_module
 from generation.run import run_generate
 from prf.body.smal import SMAL
 from prf.checkpoint import load_export, sha256_file
@@ -177,6 +178,34 @@ def test_levels_a_backbone_computes_but_does_not_return_are_frozen() -> None:
     assert all(p.grad is not None for p in hrnet.parameters() if p.requires_grad)
     regnet = build_regressor_net("pare", "regnetx_002", smal.num_joints, smal.num_betas, out_index=-2)
     assert freeze_unreachable_parameters(regnet, 64) == []
+
+
+def test_a_run_from_before_the_freeze_resumes(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run whose last.ckpt was written when nothing was frozen (an older prf) resumes with the branch
+    it would now freeze still trainable; a checkpoint whose optimiser fits neither is a clear error."""
+    config = _config(data["root"], "pare", max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    off = {"model.head.num_keypoints": 26, "loss.keypoints_detected": 0.0, "loss.keypoint_heatmaps": 0.0}
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as older:
+        older.setattr(train_module, "freeze_unreachable_parameters", lambda *args: [])
+        run_train("synthetic", data["batch"], config, run_dir=run_dir, overrides=off)
+    with caplog.at_level("WARNING", logger="prf.train"):
+        resumed = run_train(
+            "synthetic", data["batch"], config, run_dir=run_dir, overrides={**off, "trainer.max_epochs": 2}
+        )
+    assert load_export(resumed)["steps_trained"] == 2
+    assert "written before prf froze the 2 parameter tensors" in caplog.text
+    # an optimiser state that matches neither way of counting
+    last = run_dir / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    checkpoint["optimizer_states"][0]["param_groups"][0]["params"].pop()
+    torch.save(checkpoint, last)
+    with pytest.raises(ValueError, match=r"cannot resume .*last\.ckpt: its optimiser holds"):
+        run_train(
+            "synthetic", data["batch"], config, run_dir=run_dir, overrides={**off, "trainer.max_epochs": 3}
+        )
 
 
 def test_a_branch_whose_loss_terms_are_off_is_frozen() -> None:
