@@ -458,7 +458,7 @@ def score(
     from prf.score_parallel import check_processes
 
     torch_device = usable_device(device)
-    batch_size = default_batch_size(device) if batch_size is None else batch_size
+    batch_size = default_batch_size(torch_device.type) if batch_size is None else batch_size
     check_run_options(batch_size, workers, limit, flush_rows)
     check_processes(processes, torch_device, workers)
     started = time.perf_counter()

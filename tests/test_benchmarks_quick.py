@@ -131,3 +131,10 @@ def test_score_profile_splits_a_run_into_its_stages(tmp_path: Path) -> None:
     assert 0 < stages["nets"] <= stages["metrics (incl. nets)"] <= stages["score_batch (all of it)"]
     assert stages["score_batch (all of it)"] <= stages["the driver (all of it)"]
     assert stages["wait for a batch"] > 0 and stages["part files"] > 0
+
+
+@pytest.mark.parametrize("script", ["gpu_checks.sh", "paper_cost_cpu.sh"])
+def test_benchmark_shell_scripts_parse(script: str) -> None:
+    """The shell scripts too long for CI (a GPU, or 11 minutes) must at least stay valid bash."""
+    checked = subprocess.run(["bash", "-n", str(BENCHMARKS / script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
