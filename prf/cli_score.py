@@ -101,11 +101,14 @@ def _score(
     devices, num_nodes, strategy, accelerator = distributed
     if devices * num_nodes > 1:  # several processes: Lightning's predict loop (imported only then)
         from prf.score import default_batch_size, default_workers
-        from prf.score_distributed import score_distributed
+        from prf.score_distributed import rank_device_type, score_distributed
 
         if processes not in (None, 1):
-            raise ValueError("--processes shares one machine's CPU cores; it does not combine with --devices")
-        rank_device = "cuda" if accelerator in ("gpu", "cuda") else "cpu" if accelerator == "cpu" else device
+            raise ValueError(
+                "--processes shares one machine (its CPU cores or one GPU); it does not combine with "
+                "--devices"
+            )
+        rank_device = rank_device_type(accelerator)
         if workers is None:
             workers = default_workers(rank_device)
         if batch_size is None:

@@ -164,6 +164,14 @@ def _ignoring(message: str) -> Iterator[None]:
         yield
 
 
+def rank_device_type(accelerator: str) -> str:
+    """Where each rank of a Lightning ``accelerator`` ("gpu", "cuda", "cpu", "auto", ...) scores: "cuda"
+    or "cpu" (the device type that picks scoring's defaults and pins the loader's memory)."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
 def _predict(
     plan: RunPlan,
     settings: dict[str, Any],
@@ -176,8 +184,7 @@ def _predict(
     """Run Lightning's predict loop over ``plan.todo`` with the Trainer ``settings`` (accelerator,
     devices, num_nodes, strategy); every rank writes its part files. Returns this process's global rank."""
     scoring, specs = load_models(plan.thresholds, plan.checkpoints, torch.device("cpu"), smal)
-    accelerator = settings["accelerator"]
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    gpu = rank_device_type(settings["accelerator"]) == "cuda"
     loader = make_loader(plan.todo, specs, scoring[0].predictor.body.num_joints, batch_size, workers, gpu)
     # rows go to part files, so predict_step returns nothing, which Lightning would warn about
     returns_nothing = ".*predict returned None.*"

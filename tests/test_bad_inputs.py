@@ -186,6 +186,10 @@ def test_config_level_bad_inputs_exit_2_with_one_clear_line_before_any_work(env:
             ["other_layout.pt", "another_smal"],
         ),
         "pickle with a forbidden class": (base + loose + ["--models", f"{evil},{env.b}"], ["evil.pt"]),
+        "--processes with --devices": (
+            base + loose + models + ["--processes", "2", "--devices", "2"],
+            ["--processes", "does not combine with --devices"],
+        ),
     }
     for name, (args, phrases) in cases.items():
         code, output = invoke(args)
