@@ -2,7 +2,7 @@
 # KCF's cost per image against PRF's at the paper's settings on THIS machine's CPU (issue 7's cost target
 # on the 2-core machine), the CPU counterpart of gpu_checks.sh's KCF and paper_cost steps:
 #
-#     bash benchmarks/paper_cost_cpu.sh WORK [IMAGES]          (about 12 minutes on the 2-core machine)
+#     bash benchmarks/paper_cost_cpu.sh WORK [IMAGES]          (11 minutes on the 2-core machine)
 #
 # 1. a BATCH of IMAGES (default 160) 128 px renders, run seed 10 000 (filter_quality's seed-0 batch seed),
 #    half with injected failures;

@@ -229,11 +229,12 @@ def _optimised_tensors(checkpoint: Path) -> int:
 def _unfreeze_for_an_older_run(
     last: Path, module: torch.nn.Module, net: torch.nn.Module, frozen: Sequence[str]
 ) -> None:
-    """Resume a run started before ``freeze_unreachable_parameters`` existed (or froze these tensors):
-    its optimiser covers the now-frozen tensors too, so Lightning could not load its state. They never
-    got a gradient in that run, so training them again (``requires_grad``) resumes it exactly; only DDP
-    minds such tensors, and such a run could not have trained under DDP. Any other mismatch is an error
-    that names the checkpoint (before Lightning's own, which does not say why)."""
+    """Resume a run whose ``last.ckpt`` was written by a prf that did not yet freeze ``frozen`` (see
+    ``freeze_unreachable_parameters``): its optimiser covers those tensors too, so Lightning could not
+    load its state. They never got a gradient in that run, so making them trainable again resumes it
+    exactly; only DDP minds such tensors, and such a run could not have trained under DDP. Recognised by
+    the count alone (saved = trainable + frozen). Any other mismatch is an error that names the
+    checkpoint, before Lightning's own, which does not say why."""
     saved = _optimised_tensors(last)
     trainable = sum(p.requires_grad for p in module.parameters())
     if saved == trainable:
