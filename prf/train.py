@@ -227,18 +227,18 @@ def _optimised_tensors(checkpoint: Path) -> int:
 
 
 def _unfreeze_for_an_older_run(
-    last: Path, module: torch.nn.Module, net: torch.nn.Module, frozen: Sequence[str]
-) -> None:
+    last: Path, module: torch.nn.Module, net: torch.nn.Module, frozen: list[str]
+) -> list[str]:
     """Resume a run whose ``last.ckpt`` was written by a prf that did not yet freeze ``frozen`` (see
     ``freeze_unreachable_parameters``): its optimiser covers those tensors too, so Lightning could not
     load its state. They never got a gradient in that run, so making them trainable again resumes it
     exactly; only DDP minds such tensors, and such a run could not have trained under DDP. Recognised by
     the count alone (saved = trainable + frozen). Any other mismatch is an error that names the
-    checkpoint, before Lightning's own, which does not say why."""
+    checkpoint, before Lightning's own, which does not say why. Returns the tensors still frozen."""
     saved = _optimised_tensors(last)
     trainable = sum(p.requires_grad for p in module.parameters())
     if saved == trainable:
-        return
+        return frozen
     if saved != trainable + len(frozen):
         raise ValueError(
             f"cannot resume {last}: its optimiser holds {saved} parameter tensors, this run trains "
@@ -253,6 +253,7 @@ def _unfreeze_for_an_older_run(
         last,
         len(frozen),
     )
+    return []
 
 
 def _load_init(init: Path, net: torch.nn.Module, smal: SMAL, cfg: TrainConfig) -> None:
@@ -349,6 +350,11 @@ def run_train(
     if init is not None:
         _load_init(Path(init), net, smal, cfg)
     frozen = freeze_unreachable_parameters(net, cfg.model.input_size, loss_outputs(cfg.loss))
+    module = RegressorModule(
+        net, smal, cfg.loss, cfg.optim, cfg.model.input_size, cfg.model.projection, {"config": resolved}
+    )
+    if resume and frozen:
+        frozen = _unfreeze_for_an_older_run(last, module, net, frozen)
     if frozen:
         logger.info(
             "%d parameter tensors (%s ...) feed none of the outputs the loss reads (feature levels the "
@@ -357,11 +363,6 @@ def run_train(
             len(frozen),
             frozen[0],
         )
-    module = RegressorModule(
-        net, smal, cfg.loss, cfg.optim, cfg.model.input_size, cfg.model.projection, {"config": resolved}
-    )
-    if resume and frozen:
-        _unfreeze_for_an_older_run(last, module, net, frozen)
     datamodule = RegressorDataModule(
         cfg.data.train,
         cfg.data.val or None,
