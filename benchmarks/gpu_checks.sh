@@ -130,18 +130,12 @@ kcf_cost() {
     for epochs in 1 3; do
         prf kcf "$B" --config kcf/configs/kcf_paper.yaml --folds 2 --epochs "$epochs" --quiet \
             --set data.num_workers="$WORKERS" --out "$WORK/kcf_$epochs/scores.parquet" || return 1
-        python3 - "$WORK/kcf_$epochs/scores.parquet" "$OUT/kcf_paper_cost_${epochs}_epochs.json" <<'EOF'
-import json, sys
-import pyarrow.parquet as pq
-metadata = json.loads(pq.read_schema(sys.argv[1]).metadata[b"prf_scores"])
-print(json.dumps(metadata["cost"], indent=1))
-json.dump(metadata["cost"], open(sys.argv[2], "w"), indent=1)
-EOF
     done
 }
 export -f kcf_cost
 step kcf_paper 180 kcf_cost
-step paper_cost 30 python3 benchmarks/paper_cost.py --kcf "$OUT/kcf_paper_cost_1_epochs.json:1" \
-    --kcf "$OUT/kcf_paper_cost_3_epochs.json:3" --prf "$OUT/score_throughput_cuda_paper_size.json" \
+# paper_cost.py reads each KCF run's cost from its SCORES file and keeps both in OUT/paper_cost.json
+step paper_cost 30 python3 benchmarks/paper_cost.py --kcf "$WORK/kcf_1/scores.parquet:1" \
+    --kcf "$WORK/kcf_3/scores.parquet:3" --prf "$OUT/score_throughput_cuda_paper_size.json" \
     --out "$OUT/paper_cost.json"
 log "done"

@@ -1,6 +1,6 @@
 """KCF's cost per image against PRF's at the paper's settings, from short measured runs (issue 7, item 3).
 
-    python benchmarks/paper_cost.py --kcf kcf_1_epochs.json:1 --kcf kcf_3_epochs.json:3 \\
+    python benchmarks/paper_cost.py --kcf kcf_1/scores.parquet:1 --kcf kcf_3/scores.parquet:3 \\
         --prf score_throughput_paper_size.json [--folds 5] [--epochs 150] [--out JSON]
 
 A full KCF run at the paper's settings (5 folds x 150 epochs of ResNet-50 at 256 px) takes days of GPU
@@ -34,10 +34,15 @@ from benchmarks import common  # noqa: E402
 
 
 def kcf_run(spec: str) -> tuple[dict[str, Any], int]:
-    """``FILE:EPOCHS`` -> (the cost JSON, epochs)."""
+    """``FILE:EPOCHS`` -> (the run's cost section, epochs). FILE is the run's SCORES file (``prf kcf``
+    stores the cost in its metadata) or a JSON of that section alone."""
     path, _, epochs = spec.rpartition(":")
     if not path or not epochs.isdigit():
-        raise SystemExit(f"--kcf takes FILE:EPOCHS (e.g. kcf_3_epochs.json:3), got {spec!r}")
+        raise SystemExit(f"--kcf takes FILE:EPOCHS (e.g. kcf_3/scores.parquet:3), got {spec!r}")
+    if path.endswith(".parquet"):
+        from prf.score_io import read_provenance
+
+        return read_provenance(Path(path))["cost"], int(epochs)
     return json.loads(Path(path).read_text(encoding="utf-8")), int(epochs)
 
 
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if len(args.kcf) != 2:
         parser.error("give --kcf exactly twice (two runs that differ in epochs)")
-    kcf = kcf_cost_per_image([kcf_run(spec) for spec in args.kcf], args.folds, args.epochs)
+    runs = [kcf_run(spec) for spec in args.kcf]
+    kcf = kcf_cost_per_image(runs, args.folds, args.epochs)
     prf_run = json.loads(args.prf.read_text(encoding="utf-8"))
     prf_round = prf_run["layouts"][0]["median_ratio_round"]
     prf = {
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         "prf": prf,
         "ratio_whole_call": kcf["seconds_per_batch_image"] / prf["seconds_per_image_whole_call"],
         "ratio_marginal": kcf["seconds_per_batch_image"] / prf["seconds_per_image_marginal"],
+        "kcf_runs": [{"epochs": epochs, **cost} for cost, epochs in runs],  # the measurements used
         "inputs": {"kcf": args.kcf, "prf": str(args.prf)},
         "machine": prf_run.get("machine"),
     }

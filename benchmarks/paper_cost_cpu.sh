@@ -7,7 +7,8 @@
 # 1. a BATCH of IMAGES (default 160) 128 px renders, run seed 10 000 (filter_quality's seed-0 batch seed),
 #    half with injected failures;
 # 2. `prf kcf` with kcf/configs/kcf_paper.yaml (ResNet-50 at 256 px, SGD, 32-true) on 2 folds for 1 and for
-#    2 epochs: their difference is the marginal cost of an image-epoch (benchmarks/paper_cost.py);
+#    2 epochs: their difference is the marginal cost of an image-epoch (benchmarks/paper_cost.py, which
+#    reads each run's cost from its SCORES file and keeps both in its result);
 # 3. PRF's cost per image on the same batch with the default checkpoints (score_throughput.py, both CPU
 #    layouts) and with paper-size nets (a 2-step export of train_paper_synthetic.yaml run on the CPU: the
 #    speed of hrnet_w32 at 224 px does not depend on its weights; one-process layout only, about 1.5
@@ -26,12 +27,6 @@ prf generate "$B" --n "$IMAGES" --seed 10000 --image-size 128 --inject-failures 
 for epochs in 1 2; do
   prf kcf "$B" --config kcf/configs/kcf_paper.yaml --folds 2 --epochs "$epochs" --quiet \
     --set data.num_workers=0 --out "$WORK/kcf_$epochs/scores.parquet"
-  python3 - "$WORK/kcf_$epochs/scores.parquet" "$WORK/kcf_paper_cost_${epochs}_epochs.json" <<'EOF'
-import json, sys
-import pyarrow.parquet as pq
-cost = json.loads(pq.read_schema(sys.argv[1]).metadata[b"prf_scores"])["cost"]
-json.dump(cost, open(sys.argv[2], "w"), indent=1)
-EOF
 done
 
 prf train --data "$B" --stage synthetic --config prf/configs/train_paper_synthetic.yaml --max-steps 2 \
@@ -44,7 +39,7 @@ python3 benchmarks/score_throughput.py "$B" --batch-size 32 --repeats 1 --proces
 
 # paper_cost.py reads the first layout, one process (the CPU default, two, is faster: a cautious figure)
 for prf_run in cpu:default_checkpoints cpu_paper_size:paper_size; do
-  python3 benchmarks/paper_cost.py --kcf "$WORK/kcf_paper_cost_1_epochs.json:1" \
-    --kcf "$WORK/kcf_paper_cost_2_epochs.json:2" --prf "$WORK/score_throughput_${prf_run%%:*}.json" \
+  python3 benchmarks/paper_cost.py --kcf "$WORK/kcf_1/scores.parquet:1" \
+    --kcf "$WORK/kcf_2/scores.parquet:2" --prf "$WORK/score_throughput_${prf_run%%:*}.json" \
     --out "$WORK/paper_cost_cpu_${prf_run##*:}.json"
 done

@@ -48,3 +48,27 @@ def test_main_divides_by_prf_seconds_per_image(tmp_path: Path, capsys: pytest.Ca
     assert result["ratio_marginal"] == pytest.approx(kcf_seconds / 0.005)
     with pytest.raises(SystemExit):
         main(["--kcf", "no-epochs.json", "--kcf", "x.json:1", "--prf", str(tmp_path / "prf.json")])
+
+
+def test_a_kcf_run_is_read_from_its_scores_file(tmp_path: Path) -> None:
+    """``prf kcf`` keeps the run's cost in the SCORES metadata: paper_cost reads it there, and its result
+    keeps both runs' measurements."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prf.score_io import METADATA_KEY
+
+    for epochs, train in ((1, 12.0), (3, 16.0)):
+        metadata = {METADATA_KEY: json.dumps({"cost": _kcf_cost(train, 2.0)}).encode()}
+        table = pa.table({"image_id": ["0"]}).replace_schema_metadata(metadata)
+        pq.write_table(table, tmp_path / f"kcf_{epochs}.parquet")
+    round_ = {"images": 1000, "end_to_end_images_per_s": 100.0, "marginal_images_per_s": 200.0}
+    (tmp_path / "prf.json").write_text(json.dumps({"layouts": [{"median_ratio_round": round_}]}))
+    out = tmp_path / "cost.json"
+    main([
+        "--kcf", f"{tmp_path / 'kcf_1.parquet'}:1", "--kcf", f"{tmp_path / 'kcf_3.parquet'}:3",
+        "--prf", str(tmp_path / "prf.json"), "--out", str(out),
+    ])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["kcf"]["train_seconds_per_image_epoch"] == pytest.approx(0.01)
+    assert [(r["epochs"], r["train_seconds"]) for r in result["kcf_runs"]] == [(1, 12.0), (3, 16.0)]
