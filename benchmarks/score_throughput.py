@@ -98,17 +98,27 @@ def _raw_forward_process(
     On CUDA the timestamps are taken with the GPU's queue empty."""
     torch.set_num_threads(threads)
     forward_all = _forward_every_model(models, batch_size, device)
+    started, ended = _timed_forward(forward_all, batches, device, ready=barrier.wait)
+    results.put((started, ended, batches * batch_size))
+
+
+def _timed_forward(
+    forward_all: Callable[[], None], batches: int, device: str, ready: Callable[[], None] = lambda: None
+) -> tuple[float, float]:
+    """Warm up, call ``ready`` (the other processes' barrier), then run ``forward_all`` ``batches`` times;
+    (start, end) in ``time.monotonic`` seconds, on CUDA taken with the GPU's queue empty."""
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     with torch.inference_mode():
-        for _ in range(3 if device == "cuda" else 1):  # warm-up (on CUDA: cuDNN's algorithm search)
+        # warm-up; on CUDA: cuDNN's algorithm search, the allocator's first blocks
+        for _ in range(3 if device == "cuda" else 1):
             forward_all()
         sync()
-        barrier.wait()
+        ready()
         started = time.monotonic()
         for _ in range(batches):
             forward_all()
         sync()
-        results.put((started, time.monotonic(), batches * batch_size))
+        return started, time.monotonic()
 
 
 def raw_forward_images_per_s(
@@ -141,17 +151,9 @@ def raw_forward_images_per_s(
 def raw_forward_cuda_images_per_s(models: list[Path], batch_size: int, images: int) -> float:
     """Images/s of every model on the GPU under autocast, on random crops already in GPU memory, about
     ``images`` images in all: the ceiling of ``prf score --device cuda`` (module docstring)."""
-    forward_all = _forward_every_model(models, batch_size, "cuda")
     batches = max(3, images // batch_size)
-    with torch.inference_mode():
-        for _ in range(3):  # warm-up: cuDNN's algorithm search, the allocator's first blocks
-            forward_all()
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(batches):
-            forward_all()
-        torch.cuda.synchronize()
-        return batches * batch_size / (time.perf_counter() - started)
+    started, ended = _timed_forward(_forward_every_model(models, batch_size, "cuda"), batches, "cuda")
+    return batches * batch_size / (ended - started)
 
 
 def end_to_end_seconds(
