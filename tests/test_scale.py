@@ -26,29 +26,35 @@ from prf.score import score
 
 ROOT = Path(__file__).resolve().parent.parent
 N_IMAGES = 6
+COMMIT_PAUSE_S = 0.5
+MAX_KILL_AFTER_S = 2.0
 
 # A scoring run that SIGKILLs itself around its EVENT-th os.replace (the commit step of every atomic
 # write: run.json, each part file, the merged table, keep.txt, reject.txt): "before" leaves a complete
-# hidden temporary file, "after" a committed file whose next step (cleanup, ...) never ran.
+# hidden temporary file, "after" a committed file whose next step (cleanup, ...) never ran. EVENT 0
+# kills nothing itself but pauses COMMIT_PAUSE_S at each commit step, so that a run killed from outside at
+# most MAX_KILL_AFTER_S after READY is still scoring however fast the machine (a fast CI machine once
+# finished first); it has at least 3 + N_IMAGES // 2 commit steps after READY.
 KILLED_RUN = """
-import os, signal, sys
+import os, signal, sys, time
 from pathlib import Path
 from prf.score import score
 env, out, event, when = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 calls, real_replace = [], os.replace
 def replace(src, dst):
     calls.append(src)
+    if not event:
+        time.sleep(COMMIT_PAUSE_S)
     if len(calls) == event and when == "before":
         os.kill(os.getpid(), signal.SIGKILL)
     real_replace(src, dst)
     if len(calls) == event and when == "after":
         os.kill(os.getpid(), signal.SIGKILL)
-if event:
-    os.replace = replace
+os.replace = replace
 print("READY", flush=True)
 score(env / "batch", env / "loose.yaml", [env / "a.pt", env / "b.pt"], out, batch_size=2, quiet=True,
       flush_rows=1)
-"""
+""".replace("COMMIT_PAUSE_S", str(COMMIT_PAUSE_S))
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +193,8 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_table(
         rng = random.Random(seed)
         # seed 0: killed from outside at a random time while scoring; the others at a random commit step
         event = 0 if seed == 0 else rng.randint(1, events)
-        plans[seed] = (event, rng.choice(["before", "after"]), rng.uniform(0.0, 2.0))
+        plans[seed] = (event, rng.choice(["before", "after"]), rng.uniform(0.0, MAX_KILL_AFTER_S))
+    assert (3 + N_IMAGES // 2) * COMMIT_PAUSE_S > MAX_KILL_AFTER_S  # the timed kill lands while scoring
     children = {
         seed: _start_killed(env, tmp_path / str(seed) / "scores.parquet", event, when, scratch)
         for seed, (event, when, _) in plans.items()
