@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -81,11 +79,9 @@ def test_arrays_and_metadata(model: SMALModelData) -> None:
     assert 0.9 < size[0] < 1.8 and 0.2 < size[1] < 0.4 and 0.8 < size[2] < 1.1  # about a metre long
 
 
-def test_deterministic_fast_and_independent_copies() -> None:
+def test_deterministic_and_independent_copies() -> None:
     builtin._build.cache_clear()
-    start = time.perf_counter()
     a = build_quadruped()
-    assert time.perf_counter() - start < 2.0
     a.v_template[:] = 0.0  # a caller's edits must not leak into the cache
     builtin._build.cache_clear()
     b, c = build_quadruped(), build_quadruped()
