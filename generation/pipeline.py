@@ -65,6 +65,22 @@ class PosedMesh:
 
 
 @dataclass
+class RenderedStates:
+    """One image's two renders: ``truth`` of the ``intended`` (annotated) mesh and ``shown``, what the picture
+    shows (``truth`` itself for a faithful image); ``state`` the injected failure's pose, betas and hidden
+    part; ``effect`` its size (``failure_effect``); camera K (3,3) pixels, R (3,3), t (3,) metres."""
+
+    intended: PosedMesh
+    truth: RenderResult
+    shown: RenderResult
+    state: ImageState
+    effect: float
+    K: np.ndarray
+    R: np.ndarray
+    t: np.ndarray
+
+
+@dataclass
 class PreparedImage:
     """Everything but the backend's picture: the annotation side and the backend's inputs."""
 
@@ -182,8 +198,9 @@ class GenerationPipeline:
             keypoints_3d=mesh.keypoints, light_dir=light, fine_to_coarse=FINE_TO_COARSE, face_mask=face_mask,
         )  # fmt: skip
 
-    def prepare(self, plan: ImagePlan) -> PreparedImage:
-        """Pose, render and annotate one planned image (everything except the backend's picture)."""
+    def render_states(self, plan: ImagePlan) -> RenderedStates:
+        """Pose and render one planned image: its intended state and, for an injected failure, the state the
+        picture shows instead (for a faithful image, the same render twice). Deterministic in the plan."""
         cfg = self.config
         rng = np.random.default_rng([plan.seed, 1])
         intended = self.pose_mesh(plan.pose, plan.betas, None)
@@ -208,7 +225,13 @@ class GenerationPipeline:
                 image_mesh = recentre_horizontally(image_mesh, intended)
             shown = self._render(image_mesh, K, R, t, light, state.hidden_part)
             effect = failure_effect(truth, shown, state.hidden_part)
+        return RenderedStates(intended, truth, shown, state, effect, K, R, t)
 
+    def prepare(self, plan: ImagePlan) -> PreparedImage:
+        """Pose, render and annotate one planned image (everything except the backend's picture)."""
+        cfg = self.config
+        states = self.render_states(plan)
+        shown, effect = states.shown, states.effect
         render_rgb = np.repeat((shown.shading * 255.0).astype(np.uint8)[..., None], 3, axis=2)
         condition = make_condition(render_rgb, short_side=cfg.resolved_condition_side())
         prompt, negative = prompt_for(plan.category.prompt_name)
@@ -216,7 +239,9 @@ class GenerationPipeline:
             image_id=plan.image_id, seed=plan.seed, prompt=prompt, negative_prompt=negative,
             condition=condition, render=shown, category=plan.category.name,
         )  # fmt: skip
-        annotation = self._annotation(plan, intended, truth, K, R, t, prompt)
+        annotation = self._annotation(
+            plan, states.intended, states.truth, states.K, states.R, states.t, prompt
+        )
         record = {
             "image_id": plan.image_id,
             "category": plan.category.name,
@@ -226,10 +251,10 @@ class GenerationPipeline:
             "injected_failure": plan.failure,
             "failure_severity": plan.severity,
             "failure_effect": float(effect),
-            "width": size,
-            "height": size,
+            "width": cfg.image_size,
+            "height": cfg.image_size,
         }
-        return PreparedImage(plan, request, truth.part_fine, annotation, record)
+        return PreparedImage(plan, request, states.truth.part_fine, annotation, record)
 
     def _annotation(
         self, plan: ImagePlan, mesh: PosedMesh, truth: RenderResult, K: np.ndarray, R: np.ndarray,
@@ -320,11 +345,16 @@ def to_annotation_frame(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def failure_effect(truth: RenderResult, shown: RenderResult, hidden_part: str | None) -> float:
+def failure_effect(
+    truth: RenderResult, shown: RenderResult, hidden_part: str | None, visible_only: bool = False
+) -> float:
     """How much an injected failure changed the image, in units of sqrt(silhouette area).
 
     The largest image-space displacement of a keypoint between the intended and the rendered state. For a
     hidden limb (no displacement to measure) it is sqrt(area of the vanished limb), in the same units.
+    ``visible_only``: only keypoints visible (inside the image, not occluded) in at least one of the two
+    renders count, 0 when none moved; a keypoint hidden in both moves nothing the picture shows. The BATCH
+    records the plain effect; benchmarks/failure_visibility.py measures this one.
     """
     area = float(truth.silhouette.sum())
     if area <= 0:
@@ -333,6 +363,9 @@ def failure_effect(truth: RenderResult, shown: RenderResult, hidden_part: str | 
         gone = float((truth.part_fine == FINE_PARTS.index(hidden_part)).sum())
         return float(np.sqrt(gone / area))
     shift = np.linalg.norm(truth.keypoints_2d[:, :2] - shown.keypoints_2d[:, :2], axis=1)
+    if visible_only:
+        seen = (truth.keypoints_2d[:, 2] > 0) | (shown.keypoints_2d[:, 2] > 0)
+        shift = shift[seen] if seen.any() else np.zeros(1)
     return float(shift.max() / np.sqrt(area))
 
 

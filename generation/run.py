@@ -61,6 +61,33 @@ def validated_settings(settings: dict[str, Any]) -> tuple[GenerationConfig, Cate
     return config, categories
 
 
+def build_pipeline(config: GenerationConfig, categories: CategoryTable) -> GenerationPipeline:
+    """The pipeline a validated config describes: its body model, pose source and backend (the caller
+    closes ``pipeline.backend`` when done)."""
+    model = load_body_model(config.smal, config.family_data)
+    pose_source = build_pose_source(config.poses, list(model.joint_names), config.pose_config)
+    backend = build_backend(config.backend, **backend_options(config))
+    return GenerationPipeline(config, model, backend, categories, pose_source)
+
+
+def render_pipeline_of_batch(batch: Path) -> GenerationPipeline:
+    """A pipeline that re-renders a BATCH's images as they were planned: its recorded generator settings
+    (batch.json) with the render backend, whatever backend made the pictures (only the renders are
+    needed, e.g. ``pipeline.render_states(pipeline.plan(index))``). The same plans and renders need the
+    same body model, pose source and generation code as the run that made the batch."""
+    path = Path(batch) / "batch.json"
+    try:
+        generator = json.loads(path.read_text(encoding="utf-8"))["generator"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: is {batch} a BATCH folder (prf generate)?") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: no readable 'generator' settings ({err})") from None
+    # the backend (and its backgrounds) make only the picture, which is not re-made here
+    settings = {**generator, "backend": "render", "backend_options": {}, "background_dir": None}
+    config, categories = validated_settings(settings)
+    return build_pipeline(config, categories)
+
+
 def run_generate(
     out: Path,
     settings: dict[str, Any],
@@ -72,15 +99,13 @@ def run_generate(
     """Generate (or resume) a BATCH at `out` from raw settings (validated into a GenerationConfig)."""
     config, categories = validated_settings(settings)
     torch.set_num_threads(1)  # the pipeline parallelises over images with threads
-    model = load_body_model(config.smal, config.family_data)
-    pose_source = build_pose_source(config.poses, list(model.joint_names), config.pose_config)
-    backend = build_backend(config.backend, **backend_options(config))
-    pipeline = GenerationPipeline(config, model, backend, categories, pose_source)
+    pipeline = build_pipeline(config, categories)
+    backend = pipeline.backend
     metadata = {
         "generator": config.model_dump(mode="json"),
         "backend": backend.describe(),
-        "pose_source": pose_source.describe(),
-        "smal_layout": model.layout_signature(),
+        "pose_source": pipeline.pose_source.describe(),
+        "smal_layout": pipeline.model.layout_signature(),
         "categories": [
             {"id": c.category_id, "name": c.name, "supercategory": c.supercategory}
             for c in pipeline.categories

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from generation.run import export_animal3d, run_generate
+from generation.pipeline import failure_effect
+from generation.run import export_animal3d, render_pipeline_of_batch, run_generate
 from prf.cli import app
 from prf.data.animal3d import read_animal3d_json
 from prf.data.batch import BatchReader
@@ -75,6 +77,37 @@ def test_injected_failure_changes_image_but_not_annotation(faithful_batch: Path,
         assert np.array_equal(good.read_mask(image_id), bad.read_mask(image_id))
         assert not np.array_equal(good.read_image(image_id), bad.read_image(image_id))
         assert not np.array_equal(good.read_condition(image_id), bad.read_condition(image_id))
+
+
+def test_a_batch_re_renders_as_recorded_and_hidden_keypoints_add_no_visible_effect(tmp_path: Path) -> None:
+    batch = tmp_path / "failed"
+    types = ["leg_articulation", "leg_length", "missing_limb"]
+    _generate(batch, n=9, inject_failures=1.0, failure_types=types)
+    pipeline = render_pipeline_of_batch(batch)
+    manifest = BatchReader(batch).manifest.set_index("image_id")
+    for index in range(9):
+        plan = pipeline.plan(index)
+        states = pipeline.render_states(plan)
+        recorded = manifest.loc[plan.image_id]
+        assert plan.failure == recorded["injected_failure"]
+        assert states.effect == pytest.approx(recorded["failure_effect"], abs=1e-6)
+        hidden = states.state.hidden_part
+        visible = failure_effect(states.truth, states.shown, hidden, visible_only=True)
+        if plan.failure == "missing_limb":
+            assert hidden is not None and visible == states.effect  # the vanished limb's area: always seen
+        else:
+            assert 0.0 <= visible <= states.effect + 1e-12
+    # a keypoint hidden in both renders may move any distance without adding to the visible effect
+    keypoints = states.truth.keypoints_2d.copy()
+    keypoints[0, 2] = 0.0
+    moved = keypoints.copy()
+    moved[0, :2] += 1000.0
+    truth = dataclasses.replace(states.truth, keypoints_2d=keypoints)
+    shown = dataclasses.replace(states.truth, keypoints_2d=moved)
+    assert failure_effect(truth, shown, None) > 10.0
+    assert failure_effect(truth, shown, None, visible_only=True) == 0.0
+    with pytest.raises(FileNotFoundError, match=r"is .* a BATCH folder"):
+        render_pipeline_of_batch(tmp_path)
 
 
 def test_resume_regenerates_exactly_the_missing_images(faithful_batch: Path, tmp_path: Path) -> None:
