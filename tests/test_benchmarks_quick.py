@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -22,13 +23,39 @@ def run_quick(script: str, out: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_filter_quality_quick_runs_every_filter(tmp_path: Path) -> None:
+def test_filter_quality_quick_runs_every_filter_then_failure_visibility_on_its_work(tmp_path: Path) -> None:
+    from failure_visibility import run_failure_visibility
     from filter_quality import run_filter_quality
 
-    result = run_filter_quality(0, quick=True, out_dir=tmp_path)
+    from benchmarks import common
+
+    result = run_filter_quality(0, quick=True, out_dir=tmp_path, work_dir=tmp_path / "work")
     assert (tmp_path / "filter_quality.json").is_file()
     assert set(result["filters"]) == {"none", "kcf", "prf_A", "prf_B", "prf_A&B", "oracle"}
     assert result["n_images"] > 0
+
+    # the same batch and SCORES, with each failure re-rendered (it raises if a recorded effect is not
+    # reproduced): the quality on failures above the recorded effect is filter_quality's own
+    seen = run_failure_visibility([tmp_path / "work"], out_dir=tmp_path / "fv", quick=True)["seeds"][0]
+    assert (tmp_path / "fv" / "failure_visibility.md").is_file()
+    columns = ["filter", "subset", "tp", "fp", "fn"]
+    recorded = seen["quality_effect"][columns].reset_index(drop=True)
+    expected = result["quality_above_min_effect"][columns].reset_index(drop=True)
+    pd.testing.assert_frame_equal(recorded, expected)
+    counts = seen["counts"]
+    assert (counts["visible_above"] + counts["hidden_among_above"] == counts["effect_above"]).all()
+    assert counts["failures"].sum() == sum(n for kind, n in result["counts"].items() if kind != "none")
+
+    # a batch whose renders cannot be reproduced (here: its recorded seed changed) is an error naming it
+    from failure_visibility import visible_effects
+
+    batch = tmp_path / "work" / "batch"
+    metadata = json.loads((batch / "batch.json").read_text())
+    metadata["generator"]["seed"] += 1
+    (batch / "batch.json").write_text(json.dumps(metadata))
+    labels = common.load_labels(batch)
+    with pytest.raises(ValueError, match=f"{batch}: image .* re-renders as"):
+        visible_effects(batch, labels)
 
 
 def test_downstream_seg_quick_trains_and_scores(tmp_path: Path) -> None:
