@@ -63,6 +63,8 @@ def visible_effects(batch: Path, labels: pd.DataFrame) -> pd.Series:
         for image_id, kind, recorded in failed[["image_id", "injected_failure", "failure_effect"]].itertuples(
             index=False
         ):
+            if not str(image_id).isdigit():  # prf generate names image k "%08d" % k
+                raise ValueError(f"{batch}: image id {image_id!r} is not a generated image's index")
             plan = pipeline.plan(int(image_id))
             states = pipeline.render_states(plan)
             if plan.failure != kind or abs(states.effect - recorded) > EFFECT_TOLERANCE:
