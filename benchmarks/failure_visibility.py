@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -43,20 +42,23 @@ import pandas as pd  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.filter_quality import DEFAULT_MIN_EFFECT, RESULTS, build_runs  # noqa: E402
+from generation.run import render_pipeline_of_batch  # noqa: E402
+
+if TYPE_CHECKING:
+    from generation.pipeline import GenerationPipeline
 
 # Scores whose AUROC the markdown shows (the JSON has every score of every filter).
 SHOWN_SCORES = ("A_max_rel_kp_error", "A_pck", "kcf_geodesic")
 EFFECT_TOLERANCE = 1e-4  # sqrt(A) units: re-rendered vs recorded effect (float32 keypoints)
 
 
-def visible_effects(batch: Path, labels: pd.DataFrame) -> pd.Series:
+def visible_effects(batch: Path, labels: pd.DataFrame, pipeline: GenerationPipeline) -> pd.Series:
     """Visible effect (module docstring) of every failure in ``labels`` (image_id index; faithful images
-    0). Raises ValueError naming the image when a re-render does not reproduce the recorded effect or type
-    (the batch was made by other generation code, body model or pose source)."""
+    0), re-rendered with ``pipeline`` (``render_pipeline_of_batch(batch)``; closed here). Raises
+    ValueError naming the image when a re-render does not reproduce the recorded effect or type (the
+    batch was made by other generation code, body model or pose source)."""
     from generation.pipeline import failure_effect
-    from generation.run import render_pipeline_of_batch
 
-    pipeline = render_pipeline_of_batch(batch)
     visible = pd.Series(0.0, index=labels["image_id"].to_numpy(), name="visible_effect")
     failed = labels[labels["injected_failure"] != common.FAITHFUL]
     try:
@@ -97,7 +99,8 @@ def analyse(work: Path, min_effect: float) -> dict[str, Any]:
     prf = common.read_scores(prf_path)
     kcf = common.read_scores(kcf_path) if kcf_path.is_file() else None
     started = time.perf_counter()
-    visible = visible_effects(batch, labels)
+    pipeline = render_pipeline_of_batch(batch)
+    visible = visible_effects(batch, labels, pipeline)
     render_seconds = time.perf_counter() - started
     seen = labels.assign(failure_effect=visible.loc[labels["image_id"]].to_numpy())
     runs = build_runs(labels, prf, None, kcf, None)
@@ -112,7 +115,7 @@ def analyse(work: Path, min_effect: float) -> dict[str, Any]:
         )  # fmt: skip
     return {
         "work": str(work),
-        "batch_seed": json.loads((batch / "batch.json").read_text(encoding="utf-8"))["generator"]["seed"],
+        "batch_seed": pipeline.config.seed,
         "n_images": len(labels),
         "render_seconds": render_seconds,
         "counts": pd.DataFrame(counts),

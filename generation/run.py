@@ -75,13 +75,9 @@ def render_pipeline_of_batch(batch: Path) -> GenerationPipeline:
     (batch.json) with the render backend, whatever backend made the pictures (only the renders are
     needed, e.g. ``pipeline.render_states(pipeline.plan(index))``). The same plans and renders need the
     same body model, pose source and generation code as the run that made the batch."""
-    path = Path(batch) / "batch.json"
-    try:
-        generator = json.loads(path.read_text(encoding="utf-8"))["generator"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist: is {batch} a BATCH folder (prf generate)?") from None
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: no readable 'generator' settings ({err})") from None
+    generator = BatchReader(batch).metadata.get("generator")  # NotABatchError when it is no BATCH
+    if not isinstance(generator, dict):
+        raise ValueError(f"{Path(batch) / 'batch.json'}: no 'generator' settings to re-render from")
     # the backend (and its backgrounds) make only the picture, which is not re-made here
     settings = {**generator, "backend": "render", "backend_options": {}, "background_dir": None}
     config, categories = validated_settings(settings)

@@ -49,13 +49,15 @@ def test_filter_quality_quick_runs_every_filter_then_failure_visibility_on_its_w
     # a batch whose renders cannot be reproduced (here: its recorded seed changed) is an error naming it
     from failure_visibility import visible_effects
 
+    from generation.run import render_pipeline_of_batch
+
     batch = tmp_path / "work" / "batch"
     metadata = json.loads((batch / "batch.json").read_text())
     metadata["generator"]["seed"] += 1
     (batch / "batch.json").write_text(json.dumps(metadata))
     labels = common.load_labels(batch)
     with pytest.raises(ValueError, match=f"{batch}: image .* re-renders as"):
-        visible_effects(batch, labels)
+        visible_effects(batch, labels, render_pipeline_of_batch(batch))
 
 
 def test_downstream_seg_quick_trains_and_scores(tmp_path: Path) -> None:

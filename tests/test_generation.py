@@ -16,7 +16,7 @@ from generation.pipeline import failure_effect
 from generation.run import export_animal3d, render_pipeline_of_batch, run_generate
 from prf.cli import app
 from prf.data.animal3d import read_animal3d_json
-from prf.data.batch import BatchReader
+from prf.data.batch import BatchReader, NotABatchError
 from prf.geometry import project_perspective
 
 SIZE = 96
@@ -106,7 +106,7 @@ def test_a_batch_re_renders_as_recorded_and_hidden_keypoints_add_no_visible_effe
     shown = dataclasses.replace(states.truth, keypoints_2d=moved)
     assert failure_effect(truth, shown, None) > 10.0
     assert failure_effect(truth, shown, None, visible_only=True) == 0.0
-    with pytest.raises(FileNotFoundError, match=r"is .* a BATCH folder"):
+    with pytest.raises(NotABatchError, match=r"is not a BATCH folder"):
         render_pipeline_of_batch(tmp_path)
 
 
