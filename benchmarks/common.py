@@ -6,8 +6,10 @@ Conventions (every benchmark uses them):
   positive prediction is REJECTING the image. Precision = rejected failures / rejected images, recall =
   rejected failures / failures, F1 their harmonic mean. Precision is NaN when nothing was rejected, recall
   NaN when the subset has no failure.
-- Subsets: ``all`` (every faithful image and every failure) and one per failure type (that type's
-  failures against ALL faithful images, so a type's precision counts every false alarm).
+- Subsets: ``all`` (every faithful image and every failure), one per failure type (that type's
+  failures against ALL faithful images, so a type's precision counts every false alarm), and
+  ``articulation``: the ARTICULATION types' failures pooled, against all faithful images (issue 7's
+  "articulation failures" read as one group; each false alarm counts once against all of them).
 - Effect size: with ``min_effect`` set, failures whose ``failure_effect`` (largest image-space keypoint
   displacement, sqrt(silhouette area) units; docs/batch-format.md) is below it are LEFT OUT of the subset
   (neither a miss when kept nor a hit when rejected): the injection barely changed the image, so the
@@ -32,6 +34,9 @@ import pandas as pd
 
 FAITHFUL = "none"
 ALL = "all"
+# Issue 7's "articulation failures (legs, leg length, head / neck, missing limb)": every type but flips.
+ARTICULATION = ("leg_articulation", "leg_swap", "leg_length", "head_turn", "missing_limb")
+POOLED = {"articulation": ARTICULATION}  # subset name -> the failure types it pools
 LABEL_COLUMNS = ("image_id", "injected_failure", "failure_severity", "failure_effect")
 # Column suffix -> (True when a larger value means a worse fit, i.e. more likely a failure; unit).
 SCORE_SUFFIXES: dict[str, tuple[bool, str]] = {
@@ -192,11 +197,17 @@ def _oriented(values: np.ndarray, higher_is_worse: bool) -> np.ndarray | None:
     return np.where(finite, oriented, oriented[finite].max() + 1.0)
 
 
+def subset_members(subset: str) -> tuple[str, ...]:
+    """The failure types a (non-``all``) subset holds: a pooled group's types, else the type itself."""
+    return POOLED.get(subset, (subset,))
+
+
 def subset_masks(
     labels: pd.DataFrame, min_effect: float | None = None, types: Iterable[str] | None = None
 ) -> dict[str, np.ndarray]:
-    """Subset name -> (N,) bool row mask over ``labels`` (module docstring): ``all`` plus each failure
-    type (given ``types``, else every type present). Failures below ``min_effect`` are left out."""
+    """Subset name -> (N,) bool row mask over ``labels`` (module docstring): ``all``, each failure type
+    (given ``types``, else every type present), then each POOLED group with a type among them. Failures
+    below ``min_effect`` are left out."""
     kinds = labels["injected_failure"].to_numpy()
     faithful = kinds == FAITHFUL
     big = np.ones(len(labels), dtype=bool)
@@ -206,6 +217,9 @@ def subset_masks(
     masks = {ALL: faithful | (~faithful & big)}
     for kind in wanted:
         masks[kind] = faithful | ((kinds == kind) & big)
+    for group, members in POOLED.items():
+        if set(members) & set(wanted):
+            masks[group] = faithful | (np.isin(kinds, [m for m in members if m in wanted]) & big)
     return masks
 
 
@@ -237,7 +251,7 @@ def evaluate_filters(
     for run in runs:
         rejected = ~aligned(labels, run.keep, f"filter {run.name}").astype(bool)
         for subset, mask in subset_masks(labels, min_effect).items():
-            dropped = excluded if subset == ALL else excluded & (kinds == subset)
+            dropped = excluded if subset == ALL else excluded & np.isin(kinds, subset_members(subset))
             row = {"filter": run.name, "subset": subset, "min_effect": min_effect}
             row.update(binary_stats(failed[mask], rejected[mask]))
             row["n_excluded"] = int(np.sum(dropped))

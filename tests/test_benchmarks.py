@@ -92,6 +92,24 @@ def test_evaluate_filters_per_type_and_effect_size() -> None:
     assert big.loc["leg_swap", "recall"] == pytest.approx(1.0)
 
 
+def test_articulation_subset_pools_its_types_against_all_faithful_images() -> None:
+    flip = pd.DataFrame({"image_id": ["08", "09"], "injected_failure": ["orientation_flip"] * 2,
+                         "failure_severity": [1.0, 1.0], "failure_effect": [0.9, 0.1]})  # fmt: skip
+    labels = pd.concat([labels_table(), flip], ignore_index=True)
+    keep = pd.concat([KEEP, pd.Series([True, False], index=["08", "09"])])  # misses 08, rejects tiny 09
+    big = common.evaluate_filters(labels, [FilterRun("f", keep)], 0.15).set_index("subset")
+    # swaps and head turns (the 0.05 swap left out) against the 4 faithful images; no flip counts here
+    assert big.loc["articulation", ["tp", "fp", "fn", "tn"]].tolist() == [3, 1, 0, 3]
+    assert big.loc["articulation", "n_excluded"] == 1
+    assert big.loc["all", ["tp", "fp", "fn", "tn"]].tolist() == [3, 1, 1, 3]
+    assert big.loc["all", "n_excluded"] == 2 and big.loc["orientation_flip", "n_excluded"] == 1
+    # without articulation failures there is no pooled subset; a flip-only batch has its type alone
+    only_flips = labels[labels["injected_failure"].isin(["none", "orientation_flip"])]
+    assert set(common.subset_masks(only_flips)) == {"all", "orientation_flip"}
+    assert common.subset_members("articulation") == common.ARTICULATION
+    assert common.subset_members("leg_swap") == ("leg_swap",)
+
+
 def test_evaluate_scores_and_missing_images() -> None:
     labels = labels_table()
     pck = pd.Series([100, 90, 100, 96, 100, 50, 40, 60], index=KEEP.index, dtype=float)
@@ -175,6 +193,9 @@ def test_build_runs_and_targets_from_scores_tables() -> None:
     head = targets["prf_A&B F1 on head_turn >= 0.85"]
     assert head["value"] == pytest.approx(0.8) and head["pass"] is False  # P 2/3, R 1
     assert targets["prf_A&B F1 on leg_length >= 0.85"]["pass"] is None  # no such failures
+    pooled = targets["prf_A&B F1 on articulation >= 0.85"]  # swaps and head turns: P 3/4, R 1
+    assert pooled["value"] == pytest.approx(6 / 7) and pooled["pass"] is True
+    assert targets["prf_A&B F1 - kcf F1 on articulation >= 0.3"]["value"] == pytest.approx(6 / 7)
     assert targets["kcf seconds / prf seconds (same batch) >= 100"]["value"] == pytest.approx(200.0)
     keep = verdicts(labels, prf, kcf)
     assert keep["prf"].tolist() == by["prf_A&B"].keep.tolist() and keep["kcf"].all()
