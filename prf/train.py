@@ -31,7 +31,12 @@ from prf.body.smal import SMAL
 from prf.checkpoint import check_layout, load_export, plain, save_export
 from prf.data.datamodule import AugmentConfig, RegressorDataModule
 from prf.data.transforms import DEFAULT_CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD
-from prf.models.heads import build_regressor_net, freeze_unreachable_parameters
+from prf.models.heads import (
+    build_regressor_net,
+    freeze_unreachable_parameters,
+    head_options,
+    unknown_head_options,
+)
 from prf.models.losses import LossConfig, loss_outputs
 from prf.models.regressor import VAL_METRICS, OptimConfig, RegressorModule
 from prf.train_progress import progress_callbacks
@@ -179,12 +184,41 @@ def load_train_config(
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a training config must be a YAML mapping, got {type(raw).__name__}")
-    for key, value in (overrides or {}).items():
+    overrides = overrides or {}
+    _drop_other_heads_options(raw, overrides, path)
+    for key, value in overrides.items():
         _set_dotted(raw, key, value)
     try:
-        return TrainConfig.model_validate(raw)
+        cfg = TrainConfig.model_validate(raw)
     except ValidationError as err:
         raise ValueError(_validation_message(err, str(path))) from None
+    unknown = unknown_head_options(cfg.model.arch, cfg.model.head)
+    if unknown:
+        raise ValueError(
+            f"invalid training config ({path}): the {cfg.model.arch} head has no option "
+            + ", ".join(f"'model.head.{key}'" for key in unknown)
+            + f"; it takes {', '.join(head_options(cfg.model.arch))}"
+        )
+    return cfg
+
+
+def _drop_other_heads_options(raw: dict[str, Any], overrides: dict[str, Any], path: Path) -> None:
+    """An override that switches ``model.arch`` (``prf train --arch``) leaves the file's ``model.head``
+    behind: those options belong to the file's head (the packaged configs' are PARE's), so the new head
+    starts from its own defaults. Options given as overrides (``model.head.*``) still apply."""
+    model = raw.get("model")
+    if "model.arch" not in overrides or not isinstance(model, dict) or not model.get("head"):
+        return
+    before = model.get("arch", ModelSection.model_fields["arch"].default)
+    if overrides["model.arch"] == before:
+        return
+    logger.info(
+        "%s: model.head holds %s head options; the %s head (--arch) starts from its own defaults",
+        path,
+        before,
+        overrides["model.arch"],
+    )
+    del model["head"]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -414,8 +448,17 @@ def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
     if not t.fast_dev_run:
         callbacks.append(
             # save_top_k=1 without a monitor keeps the newest epoch; last.ckpt is written with it every epoch
-            # (with save_top_k=0 Lightning would write last.ckpt only when training ends).
-            ModelCheckpoint(dirpath=run_dir, filename="{epoch:04d}", save_last=True, save_top_k=1)
+            # (with save_top_k=0 Lightning would write last.ckpt only when training ends). At the end of
+            # every TRAINING epoch: by default Lightning saves after validation when it validates less often
+            # than every epoch, so a run killed between validations (every 10 epochs in the paper configs)
+            # would lose up to that many epochs.
+            ModelCheckpoint(
+                dirpath=run_dir,
+                filename="{epoch:04d}",
+                save_last=True,
+                save_top_k=1,
+                save_on_train_epoch_end=True,
+            )
         )
     progress, live_bar = progress_callbacks(t.progress_bar, every_n_steps=max(100, t.log_every_n_steps))
     callbacks += progress

@@ -104,6 +104,14 @@ def test_resume_from_last_checkpoint(data: dict[str, Path], tmp_path: Path) -> N
         run_train("synthetic", data["batch"], config, run_dir=run_dir, overrides={"optim.lr": 0.5})
 
 
+def test_checkpoints_every_epoch_when_validating_less_often(data: dict[str, Path], tmp_path: Path) -> None:
+    # The paper configs validate every 10 epochs; a kill between validations must not lose those epochs.
+    config = _config(data["root"], "hmr", max_epochs=2, limit_train_batches=1, check_val_every_n_epoch=10)
+    run_dir = tmp_path / "run"
+    run_train("synthetic", data["batch"], config, run_dir=run_dir)
+    assert [p.name for p in run_dir.glob("epoch=*.ckpt")] == ["epoch=0001.ckpt"]
+
+
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown key 'model\.backbon'"):
         load_train_config("synthetic", overrides={"model.backbon": "resnet18"})
@@ -122,6 +130,14 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         assert cfg.model.input_size == 224 and cfg.model.backbone in ("resnet50", "hrnet_w32")
         # every packaged PARE config predicts the 26 keypoints PCK is computed on
         assert default.model.head["num_keypoints"] == cfg.model.head["num_keypoints"] == 26
+        # --arch hmr on a packaged (PARE) config: the HMR head starts from its own defaults
+        switched = load_train_config(stage, paper, {"model.arch": "hmr", "model.head.hidden": 64})
+        assert switched.model.arch == "hmr" and switched.model.head == {"hidden": 64}
+    # a head option the chosen head does not take is an error naming it, before anything is built
+    with pytest.raises(ValueError, match=r"pare head has no option 'model\.head\.iterations'; it takes"):
+        load_train_config("synthetic", overrides={"model.head.iterations": 2})
+    with pytest.raises(ValueError, match=r"hmr head has no option 'model\.head\.num_keypoints'"):
+        load_train_config("synthetic", overrides={"model.arch": "hmr", "model.head.num_keypoints": 26})
 
 
 def test_datamodule_split_is_seeded_and_uses_faithful_rows(data: dict[str, Path]) -> None:

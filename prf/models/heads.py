@@ -10,6 +10,7 @@ as in HMR / SPIN. ``s ~ 0.9`` means the body roughly fills the crop.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -85,6 +86,27 @@ def build_head(name: str, in_channels: int, num_joints: int, num_betas: int, **k
     if name not in HEAD_REGISTRY:
         raise ValueError(f"unknown head {name!r}; registered heads: {sorted(HEAD_REGISTRY)}")
     return HEAD_REGISTRY[name](in_channels=in_channels, num_joints=num_joints, num_betas=num_betas, **kwargs)
+
+
+# Constructor arguments every head gets from the backbone and the body model, not from the config.
+_SIZED_BY_BUILDER = ("in_channels", "num_joints", "num_betas")
+
+
+def head_options(name: str) -> tuple[str, ...]:
+    """The keyword options a registered head takes from a config's ``model.head`` (its constructor's
+    arguments other than the sizes ``build_regressor_net`` fills in)."""
+    _register_builtin_heads()
+    if name not in HEAD_REGISTRY:
+        raise ValueError(f"unknown head {name!r}; registered heads: {sorted(HEAD_REGISTRY)}")
+    parameters = inspect.signature(HEAD_REGISTRY[name]).parameters.values()
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in parameters if p.kind in keyword and p.name not in _SIZED_BY_BUILDER)
+
+
+def unknown_head_options(name: str, options: Collection[str]) -> list[str]:
+    """The keys of ``options`` the head ``name`` does not take (empty when all are known)."""
+    known = set(head_options(name))
+    return sorted(key for key in options if key not in known)
 
 
 class PoseRegressorNet(nn.Module):
