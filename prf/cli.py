@@ -250,6 +250,12 @@ def train(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Config override key.sub=value (repeatable).")
     ] = None,
+    smal: Annotated[
+        Path | None, typer.Option(help="SMAL model file (config key smal; default: the built-in quadruped).")
+    ] = None,
+    family_data: Annotated[
+        Path | None, typer.Option(help="SMAL shape-family data file (config key family_data).")
+    ] = None,
 ) -> None:
     """Train a PRF regressor stage (model A: synthetic; model B: pretrain, then finetune)."""
     from prf.train import parse_overrides, run_train
@@ -266,7 +272,10 @@ def train(
         "trainer.precision": precision,
     }
     items = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    export = run_train(stage, data, config, init, arch, run_dir, parse_overrides(items), val_data=val)
+    overrides = parse_overrides(items)
+    # paths go in as they are (not parsed as YAML)
+    overrides.update({k: str(v) for k, v in (("smal", smal), ("family_data", family_data)) if v is not None})
+    export = run_train(stage, data, config, init, arch, run_dir, overrides, val_data=val)
     console.print(f"wrote {export}", markup=False)
 
 

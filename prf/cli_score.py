@@ -38,6 +38,13 @@ def score(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="SCORES Parquet file (resumes if it exists).")
     ] = Path("scores.parquet"),
+    smal: Annotated[
+        Path | None,
+        typer.Option(help="SMAL model file the checkpoints were trained with (default: built-in quadruped)."),
+    ] = None,
+    family_data: Annotated[
+        Path | None, typer.Option(help="SMAL shape-family data file (with --smal).")
+    ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Images per forward pass. Default: 32 on a CPU, 128 on a GPU.")
     ] = None,
@@ -79,7 +86,7 @@ def score(
 
     friendly_errors(_score)(
         input, thresholds, _split_models(models), out, batch_size, workers, device, limit, quiet,
-        (devices, num_nodes, strategy, accelerator), processes,
+        (devices, num_nodes, strategy, accelerator), processes, (smal, family_data),
     )  # fmt: skip
 
 
@@ -95,8 +102,17 @@ def _score(
     quiet: bool,
     distributed: tuple[int, int, str, str] = (1, 1, "ddp", "auto"),
     processes: int | None = None,
+    body_files: tuple[Path | None, Path | None] = (None, None),
 ) -> None:
     from rich.console import Console
+
+    from prf.body import SMAL
+
+    smal_path, family_data = body_files
+    if family_data is not None and smal_path is None:
+        raise ValueError("--family-data is the shape-family file of a SMAL model: give --smal too")
+    # the checkpoints' recorded layout is checked against this body model when they load
+    body = SMAL.from_file(smal_path, family_data=family_data) if smal_path is not None else None
 
     devices, num_nodes, strategy, accelerator = distributed
     if devices * num_nodes > 1:  # several processes: Lightning's predict loop (imported only then)
@@ -116,7 +132,7 @@ def _score(
 
         summary = score_distributed(
             input, thresholds, models, out, batch_size, workers, devices, num_nodes, strategy, accelerator,
-            limit, quiet=quiet,
+            limit, quiet=quiet, smal=body,
         )  # fmt: skip
         if summary is None:  # not rank 0: rank 0 merges and prints
             return
@@ -125,7 +141,7 @@ def _score(
 
         summary = run_score(
             input, thresholds, models, out, batch_size, workers, device, limit,
-            processes=processes, quiet=quiet,
+            processes=processes, smal=body, quiet=quiet,
         )  # fmt: skip
     console = Console()
     console.print(summary.renderable())

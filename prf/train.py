@@ -23,7 +23,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
@@ -125,6 +125,12 @@ class TrainConfig(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     trainer: TrainerSection = Field(default_factory=TrainerSection)
 
+    @model_validator(mode="after")
+    def _family_data_needs_smal(self) -> TrainConfig:
+        if self.family_data is not None and self.smal is None:
+            raise ValueError("family_data is the shape-family file of a SMAL model: set smal too")
+        return self
+
 
 def default_config_path(stage: str) -> Path:
     """The packaged CPU default config of a stage."""
@@ -169,6 +175,8 @@ def _validation_message(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
+        elif not key:  # a check of the whole config (a model validator)
+            lines.append(str(item["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"'{key}': {item['msg']}")
     return f"invalid training config ({source}): " + "; ".join(lines)

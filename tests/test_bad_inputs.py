@@ -7,6 +7,7 @@ Tiny UNTRAINED checkpoints (tests/test_score.py helpers): their metrics mean not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -22,6 +23,8 @@ from PIL import Image
 from test_score import LOOSE, Env, make_env
 from typer.testing import CliRunner
 
+from prf.body.builtin import build_quadruped
+from prf.body.pickle_io import save_smal_pickle
 from prf.body.smal import SMAL
 from prf.checkpoint import save_export
 from prf.cli import app
@@ -153,6 +156,29 @@ def save_other_layout_checkpoint(path: Path) -> Path:
     )  # fmt: skip
 
 
+def write_builtin_smal(path: Path, scale: float = 1.0) -> Path:
+    """The built-in quadruped written as a SMAL model file (its mesh scaled by ``scale``: another layout)."""
+    data = build_quadruped()
+    save_smal_pickle(dataclasses.replace(data, v_template=data.v_template * scale), path)
+    return path
+
+
+def test_score_with_the_smal_file_the_checkpoints_were_trained_with(env: Env, tmp_path: Path) -> None:
+    # the tiny checkpoints were trained with the built-in quadruped; the same model read from a SMAL file
+    # (--smal) scores every image as the built-in default does
+    smal = write_builtin_smal(tmp_path / "builtin.pkl")
+    tables = []
+    for name, extra in (("default", []), ("smal", ["--smal", str(smal)])):
+        out = tmp_path / name / "scores.parquet"
+        args = ["score", str(env.batch), "--thresholds", str(env.loose), "--models", f"{env.a},{env.b}"]
+        code, output = invoke([*args, "--out", str(out), "--quiet", "--workers", "0", *extra])
+        assert code == 0, output
+        tables.append(pd.read_parquet(out).sort_values("image_id").reset_index(drop=True))
+    columns = ["image_id", "status", "keep", "A_pa_mpjpe", "A_pck", "B_s_mpjpe"]
+    assert (tables[0]["status"] == "ok").all()
+    pd.testing.assert_frame_equal(tables[0][columns], tables[1][columns])
+
+
 class RunsCode:
     """Unpickling this would create the folder ``marker`` (a stand-in for arbitrary code)."""
 
@@ -189,6 +215,14 @@ def test_config_level_bad_inputs_exit_2_with_one_clear_line_before_any_work(env:
         "--processes with --devices": (
             base + loose + models + ["--processes", "2", "--devices", "2"],
             ["--processes", "does not combine with --devices"],
+        ),
+        "a SMAL file the checkpoints were not trained with": (
+            base + loose + models + ["--smal", str(write_builtin_smal(tmp_path / "bigger.pkl", scale=1.1))],
+            [str(env.a), "was trained for SMAL layout"],
+        ),
+        "--family-data without --smal": (
+            base + loose + models + ["--family-data", str(tmp_path / "family.pkl")],
+            ["--family-data", "give --smal too"],
         ),
     }
     for name, (args, phrases) in cases.items():

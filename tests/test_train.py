@@ -119,6 +119,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_train_config("synthetic", overrides={"trainer.max_epochs": 0})
     with pytest.raises(ValueError, match="unknown stage"):
         load_train_config("warmup")
+    with pytest.raises(ValueError, match="family_data is the shape-family file of a SMAL model: set smal"):
+        load_train_config("synthetic", overrides={"family_data": "family.pkl"})
     assert parse_overrides(["optim.lr=1e-4", "trainer.devices=2"]) == {"optim.lr": 1e-4, "trainer.devices": 2}
     with pytest.raises(ValueError, match=r"key\.sub=value"):
         parse_overrides(["optim.lr"])
