@@ -77,12 +77,4 @@ prf calibrate "$work/calibration_scores/scores.parquet" --labels "$work/calibrat
   --objective mcc --metric pa_mpjpe --metric s_mpjpe --metric pck --metric max_rel_kp_error \
   --plot "$work/calibration_roc.png" \
   --check-scores "$work/validation_scores/scores.parquet" --check-labels "$work/validation"
-# name each model's checkpoint in the file (paths relative to it), as in the shipped thresholds.yaml
-python - <<'EOF'
-from pathlib import Path
-path = Path("thresholds.yaml")
-text = path.read_text()
-for name in ("A", "B"):
-    text = text.replace(f"  {name}:\n", f"  {name}:\n    checkpoint: checkpoints/prf_model_{name.lower()}.pt\n", 1)
-path.write_text(text)
-EOF
+# (calibrate names each model's checkpoint in the file, relative to it: checkpoints/prf_model_a.pt, ...)

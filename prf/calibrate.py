@@ -16,7 +16,8 @@ best end point: thresholds that keep every image, and, for each (model, metric),
 its best Matthews correlation. (A single start from "keep everything" locks into "reject everything" when
 that is the best first move, as it is for F1 whenever no one metric alone beats it: with 60% of the images
 failures, rejecting all scores F1 0.75. No later single coordinate can undo it; a start where one
-threshold already rejects the failures it sees lets the others add theirs.) Objectives:
+threshold already rejects the failures it sees lets the others add theirs; with ``combine: any`` it is the
+only way in, as a model without thresholds keeps every image whatever the others say.) Objectives:
 
 - default ``f1``: the best F1 of the rejected images as a detector of failures (ties go to the looser
   threshold);
@@ -333,12 +334,14 @@ class _Search:
 
     def run_multistart(self, score: Any) -> None:
         """``run`` from every start in the module docstring; keep the limits of the best end point."""
+        none = {k: np.inf for k in self.bad}
         starts = [dict(self.limits)]
         for key, cands in self.candidates.items():
-            self.limits = {k: np.inf for k in self.bad}
-            mcc = _quality(self._keep_for(key), self.failure)["mcc"]
+            # this threshold's own verdicts (under "any" the final verdict would keep every image: the
+            # models without a threshold keep them all, so every candidate would look the same)
+            mcc = _quality(_passes(self.bad[key][:, None], cands[None, :]), self.failure)["mcc"]
             best = max(range(cands.size), key=lambda c: (mcc[c], c))
-            starts.append({**self.limits, key: cands[best]})
+            starts.append({**none, key: cands[best]})
         best_value, best_limits = None, starts[0]
         for start in starts:
             self.limits = dict(start)
@@ -389,6 +392,32 @@ def check_labels_belong(labels: str | os.PathLike[str], provenance: dict[str, An
 def _checkpoint_hashes(provenance: dict[str, Any]) -> dict[str, str]:
     """Model name -> sha256 of the checkpoint that made a SCORES file (its provenance)."""
     return {m["name"]: m["sha256"] for m in provenance["models"]}
+
+
+def _checkpoint_keys(
+    provenance: dict[str, Any], source: ThresholdsConfig, out: Path
+) -> dict[str, str | None]:
+    """Model name -> the ``checkpoint`` to write in the thresholds file ``out``: the checkpoint that made
+    the SCORES (what the thresholds are calibrated for), else the source file's own key; a path relative
+    to ``out``'s folder, as ``prf score`` resolves it (the source's relative keys were relative to the
+    source file's folder)."""
+    scored = {m["name"]: m.get("checkpoint") for m in provenance["models"]}
+    source_path = provenance["thresholds"].get("path")
+    folder = Path(os.path.abspath(out)).parent
+    keys: dict[str, str | None] = {}
+    for name, model in source.models.items():
+        path = scored.get(name) or model.checkpoint
+        if path is None:
+            keys[name] = None
+            continue
+        path = os.path.expanduser(path)
+        if not os.path.isabs(path):
+            if source_path is None:  # nothing to resolve it against: keep it as it was written
+                keys[name] = path
+                continue
+            path = os.path.join(os.path.dirname(source_path), path)
+        keys[name] = os.path.relpath(os.path.abspath(path), folder)
+    return keys
 
 
 def _load_table(scores: Path, names: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -585,6 +614,9 @@ def calibrate(
             the choice. Compare metric sets by this, not by the calibration images' own figures.
     """
     scores, out = Path(scores), Path(out)
+    metrics = list(dict.fromkeys(metrics))  # a metric named twice is still one threshold
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the thresholds file to write, e.g. {out}/t.yaml")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
@@ -636,7 +668,10 @@ def calibrate(
         )
         described = f"kept images >= {goal:g} faithful"
     search.give_every_model_a_threshold()
-    config = _to_config(search, source, list(metrics), scales, flip_weights, _checkpoint_hashes(provenance))
+    config = _to_config(
+        search, source, list(metrics), scales, flip_weights, _checkpoint_hashes(provenance),
+        _checkpoint_keys(provenance, source, out),
+    )  # fmt: skip
     keep = search.keep()
     final = {k: float(v[0]) for k, v in _quality(keep[:, None], failure).items()}
     result = CalibrationResult(
@@ -698,11 +733,12 @@ def _to_config(
     scales: dict[str, np.ndarray],
     flip_weights: dict[str, float],
     hashes: dict[str, str],
+    checkpoints: dict[str, str | None],
 ) -> ThresholdsConfig:
     """The chosen limits as a config (rounded between observed values; ``scales``, ``flip_weights``:
     model -> the keypoint error scales and flip weight chosen for ``max_rel_kp_error``, written with its
     maximum; ``hashes``: model -> the sha256 of the checkpoint that made the SCORES, written as
-    ``calibrated_for_sha256``)."""
+    ``calibrated_for_sha256``; ``checkpoints``: model -> its ``checkpoint`` key, ``_checkpoint_keys``)."""
     models = {}
     for name, original in source.models.items():
         limits = {m: search.limits[(name, m)] for m in metrics}
@@ -726,7 +762,7 @@ def _to_config(
                 max=value[RELATIVE], scales=scales[name].tolist(), flip_weight=flip_weights[name]
             )
         models[name] = ModelThresholds(
-            checkpoint=original.checkpoint,
+            checkpoint=checkpoints[name],
             calibrated_for_sha256=hashes.get(name),
             pa_mpjpe_max=value.get("pa_mpjpe"),
             s_mpjpe_max=value.get("s_mpjpe"),

@@ -136,12 +136,16 @@ def report(
         per_sheet: images per contact sheet; tile: tile side in pixels.
     """
     scores = Path(scores)
+    if per_sheet < 1 or tile < 16:
+        raise ValueError(f"--per-sheet must be >= 1 (got {per_sheet}) and the tile side >= 16 (got {tile})")
     if not scores.is_file():
         raise FileNotFoundError(f"SCORES file {scores} does not exist (make it with prf score)")
+    folder = Path(out) if out is not None else scores.with_name(f"{scores.stem}_report")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file; the report is a folder (index.html and its PNGs)")
     provenance = read_provenance(scores)
     config = read_thresholds_of(provenance)
     names = config.model_names()
-    folder = Path(out) if out is not None else scores.with_name(f"{scores.stem}_report")
     folder.mkdir(parents=True, exist_ok=True)
     present = set(pq.read_schema(scores).names)  # an older prf wrote fewer metric columns
     metric_columns = [f"{n}_{m}" for n in names for m in METRICS if f"{n}_{m}" in present]

@@ -563,7 +563,7 @@ def plan_run(
     store = PartStore(out)
     done: set[str] = set()
     if out.exists():
-        check_compatible(read_provenance(out), provenance, out)
+        check_compatible(read_provenance(out, "choose another --out"), provenance, out)
         done |= image_ids(out)
     old = store.provenance()
     if old is not None:

@@ -106,12 +106,13 @@ def check_compatible(old: dict[str, Any], new: dict[str, Any], where: Path) -> N
         )
 
 
-def read_provenance(path: Path) -> dict[str, Any]:
-    """The provenance stored in a SCORES file's metadata (ValueError if it is not a SCORES file)."""
+def read_provenance(path: Path, hint: str = "is it a SCORES file from prf score?") -> dict[str, Any]:
+    """The provenance stored in a SCORES file's metadata (ValueError if it is not a SCORES file; ``hint``
+    ends the message when it is not Parquet at all)."""
     try:
         metadata = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowException) as err:
-        raise ValueError(f"{path} is not a readable Parquet file ({err}); choose another --out") from None
+        raise ValueError(f"{path} is not a readable Parquet file ({err}); {hint}") from None
     if METADATA_KEY not in metadata:
         raise ValueError(f"{path} exists but is not a PRF SCORES file (no {METADATA_KEY.decode()} metadata)")
     return json.loads(metadata[METADATA_KEY])
@@ -336,13 +337,15 @@ def _iter_columns(path: Path, columns: list[str]) -> Iterable[dict[str, list[Any
 
 
 def write_lists(out: Path) -> tuple[Path, Path]:
-    """``keep.txt`` and ``reject.txt`` beside ``out``: one image path per line (errors are rejects)."""
+    """``keep.txt`` and ``reject.txt`` beside ``out``: one image path per line (errors are rejects; a row
+    with no image path, an Animal3D entry without ``img_path``, has no line: it is in SCORES only)."""
     keep_path, reject_path = out.with_name("keep.txt"), out.with_name("reject.txt")
     keep_tmp, reject_tmp = out.with_name(".keep.txt.tmp"), out.with_name(".reject.txt.tmp")
     with keep_tmp.open("w", encoding="utf-8") as keep, reject_tmp.open("w", encoding="utf-8") as reject:
         for chunk in _iter_columns(out, ["image", "keep"]):
             for image, kept in zip(chunk["image"], chunk["keep"], strict=True):
-                (keep if kept else reject).write(f"{image}\n")
+                if image:
+                    (keep if kept else reject).write(f"{image}\n")
     os.replace(keep_tmp, keep_path)
     os.replace(reject_tmp, reject_path)
     return keep_path, reject_path

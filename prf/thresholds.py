@@ -253,11 +253,27 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return f"{source}: {problems[0]}{extra}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one
+    silently, so a threshold written twice would be half ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_thresholds(text: str, source: str = "<thresholds>", path: Path | None = None) -> ThresholdsFile:
     """Validate YAML text; ``source`` names it in errors, ``path`` (if any) anchors relative checkpoints."""
     name = source
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a yaml.SafeLoader: no Python tags
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

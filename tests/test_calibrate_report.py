@@ -161,6 +161,60 @@ def test_a_model_whose_metrics_do_not_help_keeps_one_loose_threshold(tmp_path: P
     assert 80.0 <= result.config.models["A"].pa_mpjpe_max < 90.0
 
 
+def rewrite_scores(path: Path, frame: pd.DataFrame | None = None, **provenance: object) -> None:
+    """Rewrite a SCORES file with changed rows (``frame``) and / or provenance keys."""
+    table = pq.read_table(path)
+    meta = {**json.loads(table.schema.metadata[METADATA_KEY]), **provenance}
+    schema = table.schema.with_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    rows = table if frame is None else pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False)
+    pq.write_table(rows.cast(schema), path)
+
+
+def test_calibrate_with_combine_any_gives_every_model_a_threshold(tmp_path: Path) -> None:
+    # failures look bad to both models; a third of the faithful images to one model only: "any" (keep
+    # what either model keeps) separates them exactly, but only with a threshold on each model at once
+    scores = tmp_path / "scores.parquet"
+    failure = synthetic_scores(scores, seed=3)
+    n, rng = len(failure), np.random.default_rng(3)
+    one_model = rng.integers(0, 3, n)  # 1: A's PA-MPJPE looks bad, 2: B's PCK looks bad
+    a_bad, b_bad = failure | (one_model == 1), failure | (one_model == 2)
+    frame = pq.read_table(scores).to_pandas()
+    frame.loc[: n - 1, "A_pa_mpjpe"] = np.where(a_bad, rng.uniform(90, 150, n), rng.uniform(40, 80, n))
+    frame.loc[: n - 1, "B_pck"] = np.where(b_bad, rng.uniform(60, 94, n), rng.uniform(96, 100, n))
+    source = SOURCE.replace("combine: all", "combine: any")
+    rewrite_scores(scores, frame, thresholds={"content": source, "sha256": "0" * 64})
+    labels = labels_csv(tmp_path / "labels.csv", failure)
+    for objective in ("f1", "mcc"):
+        result = calibrate(
+            scores, labels, out=tmp_path / "th.yaml", metrics=["pa_mpjpe", "pck"], objective=objective
+        )
+        assert result.config.combine == "any" and result.f1 == 1.0 and result.mcc == 1.0, objective
+        assert (apply_thresholds(tmp_path / "th.yaml", frame.iloc[:n]) == ~failure).all()
+
+
+def test_calibrate_names_the_scored_checkpoints_relative_to_the_written_file(tmp_path: Path) -> None:
+    scores = tmp_path / "scores.parquet"
+    failure = synthetic_scores(scores)
+    labels = labels_csv(tmp_path / "labels.csv", failure)
+    source = tmp_path / "src" / "thresholds.yaml"  # SOURCE's A checkpoint ckpt/a.pt is relative to it
+    scored_a = tmp_path / "models" / "a.pt"
+    models = [
+        {"name": "A", "sha256": "a" * 64, "checkpoint": str(scored_a)},
+        {"name": "B", "sha256": "b" * 64},
+    ]
+    rewrite_scores(
+        scores, thresholds={"content": SOURCE, "sha256": "0" * 64, "path": str(source)}, models=models
+    )
+    out = tmp_path / "out" / "th.yaml"
+    written = calibrate(scores, labels, out=out).config.models
+    # A: the checkpoint that made the SCORES; B: none scored from a path, none in the source file
+    assert written["A"].checkpoint == "../models/a.pt" and written["B"].checkpoint is None
+    assert load_thresholds(out).checkpoint_path("A").resolve() == scored_a.resolve()
+    # a SCORES file that records no checkpoint path: the source file's key, now relative to the new file
+    rewrite_scores(scores, models=[{"name": m["name"], "sha256": m["sha256"]} for m in models])
+    assert calibrate(scores, labels, out=out).config.models["A"].checkpoint == "../src/ckpt/a.pt"
+
+
 def test_calibrate_target_precision_keeps_more_and_reaches_the_target(tmp_path: Path) -> None:
     scores = tmp_path / "scores.parquet"
     failure = synthetic_scores(scores, seed=1)
@@ -237,8 +291,46 @@ def test_cli_calibrate_and_report_and_friendly_errors(scored: tuple[Env, Path], 
     result = runner.invoke(app, ["calibrate", str(out), "--labels", str(env.batch), "--out", str(th)])
     assert result.exit_code == 0, result.output
     assert load_thresholds(th).config.model_names() == ["A", "B"] and th.with_suffix(".roc.png").is_file()
+    # the written file names the checkpoints it was calibrated for: prf score finds them without --models
+    again = tmp_path / "again" / "scores.parquet"
+    args = [
+        "score",
+        str(env.batch),
+        "--thresholds",
+        str(th),
+        "--out",
+        str(again),
+        "--quiet",
+        "--workers",
+        "0",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
     result = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "r"), "--per-sheet", "2"])
     assert result.exit_code == 0 and (tmp_path / "r" / "index.html").is_file()
+    for args, phrase in (
+        (["report", str(out), "--per-sheet", "0"], "--per-sheet must be >= 1"),
+        (["report", str(out), "--out", str(th)], "is a file"),
+        (["calibrate", str(out), "--labels", str(env.batch), "--out", str(tmp_path)], "is a folder"),
+        (["report", str(th)], "is it a SCORES file from prf score?"),
+    ):
+        result = runner.invoke(app, args)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and phrase in text and "Traceback" not in text, (args, result.output)
+    # a metric named twice is one threshold
+    args = [
+        "calibrate",
+        str(out),
+        "--labels",
+        str(env.batch),
+        "--out",
+        str(th),
+        "--metric",
+        "pck",
+        "--metric",
+        "pck",
+    ]
+    assert runner.invoke(app, args).exit_code == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text(LOOSE.replace("min: 0}", "min: 0, extra: 1}"))
     result = runner.invoke(
