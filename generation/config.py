@@ -114,6 +114,13 @@ class GenerationConfig(BaseModel):
         lo, hi = self.severity_range
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"severity_range must satisfy 0 <= low <= high <= 1, got {self.severity_range}")
+        if self.family_data is not None and self.smal is None:
+            raise ValueError("family_data is the shape-family file of a SMAL model: give smal (--smal) too")
+        if self.backend != "render" and (self.style != "synthetic" or self.background_dir is not None):
+            raise ValueError(
+                "style and background_dir choose the render backend's look; the "
+                f"{self.backend} backend makes its own (leave them out)"
+            )
         for key in ("smal", "family_data", "poses", "pose_config", "category_table", "background_dir"):
             value = getattr(self, key)
             if value is not None and not Path(value).exists():

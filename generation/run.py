@@ -5,6 +5,7 @@ All validation (config keys, paths, backend weights) happens before the first im
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from generation.backends import build_backend
+from generation.backends.base import backend_class
 from generation.config import CategoryTable, GenerationConfig, load_category_table
 from generation.pipeline import GenerationPipeline
 from generation.pose_sources import build_pose_source
@@ -45,6 +48,34 @@ def backend_options(config: GenerationConfig) -> dict[str, Any]:
     return options
 
 
+# CLI options that set a backend option, for the error message
+_OPTION_FLAGS = {"base_model": "--model-path", "controlnet_model": "--controlnet-path"}
+
+
+def check_backend_options(config: GenerationConfig) -> None:
+    """Refuse backend options the chosen backend's constructor does not take (before anything loads)."""
+    accepted = inspect.signature(backend_class(config.backend).__init__).parameters
+    takes = [name for name in accepted if name != "self"]
+    unknown = [key for key in backend_options(config) if key not in takes]
+    if unknown:
+        named = ", ".join(f"{_OPTION_FLAGS[k]} (backend_options.{k})" if k in _OPTION_FLAGS else
+                          f"backend_options.{k}" for k in unknown)  # fmt: skip
+        raise ValueError(f"the {config.backend} backend takes no {named}; it takes {', '.join(takes)}")
+
+
+def check_export_path(animal3d_json: Path | None) -> None:
+    """Refuse an ``--animal3d-json`` path that cannot be written, before any image is made (the export
+    runs last)."""
+    if animal3d_json is None:
+        return
+    path = Path(animal3d_json)
+    if path.is_dir():
+        raise ValueError(f"--animal3d-json {path} is a folder; give the JSON file to write")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--animal3d-json {path}: cannot create it ({parent} is not a writable folder)")
+
+
 def generation_progress(quiet: bool) -> Progress:
     """The rich progress bar of `prf generate` (task description = what is being made)."""
     columns = (TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn())
@@ -54,7 +85,17 @@ def generation_progress(quiet: bool) -> Progress:
 def validated_settings(settings: dict[str, Any]) -> tuple[GenerationConfig, CategoryTable]:
     """Raw settings -> (GenerationConfig, its category table); every config error (keys, values, unknown
     category names) raises here, before any work."""
-    config = GenerationConfig.model_validate(settings)
+    try:
+        config = GenerationConfig.model_validate(settings)
+    except ValidationError as err:  # one line per problem, named by its key
+        problems = []
+        for item in err.errors()[:5]:
+            key = ".".join(str(part) for part in item["loc"])
+            message = "unknown key" if item["type"] == "extra_forbidden" else str(item["msg"])
+            message = message.removeprefix("Value error, ")
+            problems.append(f"{key}: {message}" if key else message)
+        raise ValueError("invalid generation settings: " + "; ".join(problems)) from None
+    check_backend_options(config)
     categories = load_category_table(config.category_table)
     for name in config.categories:
         categories.by_name(name)
@@ -94,6 +135,7 @@ def run_generate(
 ) -> dict[str, int]:
     """Generate (or resume) a BATCH at `out` from raw settings (validated into a GenerationConfig)."""
     config, categories = validated_settings(settings)
+    check_export_path(animal3d_json)
     torch.set_num_threads(1)  # the pipeline parallelises over images with threads
     pipeline = build_pipeline(config, categories)
     backend = pipeline.backend

@@ -146,13 +146,19 @@ def body(
 @friendly_errors
 def generate(
     out: Annotated[Path, typer.Argument(help="BATCH folder to write (resumes if it exists).")],
-    n: Annotated[int, typer.Option("--n", help="Number of images in the whole batch.")] = 64,
-    seed: Annotated[int, typer.Option(help="Run seed; each image's seed derives from it.")] = 0,
-    backend: Annotated[str, typer.Option(help="render (built-in, no weights) or diffusers.")] = "render",
-    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Number of images in the whole batch. Default: 64.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Run seed; each image's seed derives from it. Default: 0.")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="render (built-in, no weights; the default) or diffusers.")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option(help="Image side in pixels. Default: 256.")] = None,
     inject_failures: Annotated[
-        float, typer.Option(help="Fraction of images with an injected failure.")
-    ] = 0.0,
+        float | None, typer.Option(help="Fraction of images with an injected failure. Default: 0.")
+    ] = None,
     failure_types: Annotated[
         list[str] | None, typer.Option(help="Failure types to inject (repeatable).")
     ] = None,
@@ -162,7 +168,9 @@ def generate(
     family_data: Annotated[Path | None, typer.Option(help="SMAL shape-family data file.")] = None,
     poses: Annotated[Path | None, typer.Option(help="Poses: Animal3D JSON, Parquet or NPZ.")] = None,
     categories: Annotated[list[str] | None, typer.Option(help="Categories to draw (repeatable).")] = None,
-    style: Annotated[str, typer.Option(help="synthetic, or standin (a stand-in 'real' look).")] = "synthetic",
+    style: Annotated[
+        str | None, typer.Option(help="synthetic (the default), or standin (a stand-in 'real' look).")
+    ] = None,
     animal3d_json: Annotated[
         Path | None, typer.Option(help="Also write the batch as an Animal3D-format JSON here.")
     ] = None,
@@ -173,7 +181,10 @@ def generate(
         str | None,
         typer.Option(help="png (lossless, the default) or jpg (quality 95, ~5x smaller, faster to score)."),
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML with more generation settings.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML of generation settings (docs/generation.md); the options given here win."),
+    ] = None,
     shard: Annotated[str, typer.Option(help="Make only shard i of N (i/N).")] = "0/1",
     devices: Annotated[
         int, typer.Option(help="Worker processes, one per device (GPU), each a sub-shard.")
@@ -187,17 +198,26 @@ def generate(
     """Generate a 3D-DST batch of annotated animal images (a BATCH folder)."""
     from generation.run import run_generate
 
-    settings: dict[str, object] = {}
+    if devices < 1:
+        raise UserError(f"--devices must be >= 1, got {devices}")
+    settings: dict[str, object] = {"n": 64}  # the one setting without a default in GenerationConfig
     if config is not None:
         import yaml
 
         if not config.exists():
             raise UserError(f"config file not found: {config}")
-        settings.update(yaml.safe_load(config.read_text()) or {})
-    settings.update(
-        n=n, seed=seed, backend=backend, image_size=image_size, inject_failures=inject_failures, style=style
-    )
+        loaded = yaml.safe_load(config.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{config}: a generation config must be a YAML mapping of settings")
+        settings.update(loaded)
+    # an option given on the command line wins over the file; one left out keeps the file's value
     optional = {
+        "n": n,
+        "seed": seed,
+        "backend": backend,
+        "image_size": image_size,
+        "inject_failures": inject_failures,
+        "style": style,
         "failure_types": failure_types or None,
         "categories": categories or None,
         "smal": str(smal) if smal else None,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import struct
 import tracemalloc
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -220,9 +222,38 @@ def test_a_second_writer_accepts_a_folder_another_writer_is_claiming(tmp_path: P
     root = tmp_path / "batch"
     root.mkdir()
     (root / ".batch.json.new.12345.tmp").write_text("{}")
+    # ... or the temporary file that claim is written through (atomic_write_json's name for it)
+    (root / "..batch.json.new.12346.tmp.k2j4x.tmp").write_text("{")
     writer = BatchWriter(root, METADATA)
     assert (root / "batch.json").is_file() and writer.metadata["generator"] == METADATA["generator"]
     BatchWriter(root, METADATA)  # and one arriving after the claim joins the same batch
+
+
+def _start_writer(root: str, barrier: Any, results: Any) -> None:
+    barrier.wait()
+    try:
+        BatchWriter(root, METADATA)
+        results.put("ok")
+    except Exception as err:  # reported to the test, which names it
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def test_writers_starting_together_on_a_new_folder_all_join_the_batch(tmp_path: Path) -> None:
+    # `prf generate --devices N` and shards on a shared disk: N writers create the same new folder at once
+    context = multiprocessing.get_context("fork")
+    outcomes = []
+    for round_ in range(6):
+        barrier, results = context.Barrier(4), context.Queue()
+        workers = [
+            context.Process(target=_start_writer, args=(str(tmp_path / f"b{round_}"), barrier, results))
+            for _ in range(4)
+        ]
+        for worker in workers:
+            worker.start()
+        outcomes += [results.get(timeout=60) for _ in workers]
+        for worker in workers:
+            worker.join()
+    assert outcomes == ["ok"] * len(outcomes), [o for o in outcomes if o != "ok"]
 
 
 def test_writer_refuses_bad_inputs(tmp_path: Path) -> None:

@@ -143,9 +143,36 @@ def test_bad_config_fails_before_work(tmp_path: Path) -> None:
         run_generate(out, {"n": 2, "failure_types": ["wings"]}, quiet=True)
     with pytest.raises(ValueError, match="unknown category"):
         run_generate(out, {"n": 2, "categories": ["dragon"]}, quiet=True)
-    with pytest.raises(ValueError, match="extra"):
+    with pytest.raises(ValueError, match="invalid generation settings: colour: unknown key"):
         run_generate(out, {"n": 2, "colour": "red"}, quiet=True)
+    with pytest.raises(ValueError, match="family_data is the shape-family file of a SMAL model"):
+        run_generate(out, {"n": 2, "family_data": str(tmp_path)}, quiet=True)
+    with pytest.raises(ValueError, match="the diffusers backend makes its own"):
+        run_generate(out, {"n": 2, "backend": "diffusers", "style": "standin"}, quiet=True)
+    with pytest.raises(ValueError, match=r"takes no --model-path \(backend_options\.base_model"):
+        run_generate(out, {"n": 2, "backend_options": {"base_model": "x"}}, quiet=True)
+    with pytest.raises(ValueError, match=r"--animal3d-json .* is a folder"):
+        run_generate(out, {"n": 2}, quiet=True, animal3d_json=tmp_path)
     assert not out.exists()
+
+
+def test_generate_options_override_the_config_file_only_when_given(tmp_path: Path) -> None:
+    config = tmp_path / "generation.yaml"
+    config.write_text(f"n: 3\nseed: 5\nimage_size: {SIZE}\ninject_failures: 1.0\nstyle: standin\n")
+    settings = ("n", "seed", "image_size", "inject_failures", "style")
+    for name, extra, expected in (
+        ("from_file", [], (3, 5, SIZE, 1.0, "standin")),
+        ("options_win", ["--n", "2", "--seed", "7", "--style", "synthetic"], (2, 7, SIZE, 1.0, "synthetic")),
+    ):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["generate", str(out), "--config", str(config), *extra])
+        assert result.exit_code == 0, result.output
+        generator = json.loads((out / "batch.json").read_text())["generator"]
+        assert tuple(generator[key] for key in settings) == expected, name
+    not_a_mapping = tmp_path / "list.yaml"
+    not_a_mapping.write_text("- n: 3\n")
+    result = CliRunner().invoke(app, ["generate", str(tmp_path / "x"), "--config", str(not_a_mapping)])
+    assert result.exit_code == 2 and "must be a YAML mapping" in " ".join(result.output.split())
 
 
 def test_animal3d_export_reads_back(faithful_batch: Path, tmp_path: Path) -> None:
@@ -192,6 +219,24 @@ def test_device_shards_cover_the_machine_shard_exactly() -> None:
         for devices in (1, 2, 4):
             covered = sorted(k for j, n in device_shards(shard, devices) for k in range(60) if k % n == j)
             assert covered == [k for k in range(60) if k % shard[1] == shard[0]]
+
+
+def test_device_workers_get_the_visible_gpus_and_a_foreign_batch_is_refused_first(
+    faithful_batch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from generation.multi_device import check_same_batch, visible_devices
+    from generation.run import validated_settings
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_devices(2) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6,7")
+    assert visible_devices(2) == ["4", "6"]
+    with pytest.raises(ValueError, match="makes only 3 GPU"):
+        visible_devices(4)
+    recorded = json.loads((faithful_batch / "batch.json").read_text())["generator"]
+    check_same_batch(faithful_batch, validated_settings(recorded)[0])  # the same settings: resumable
+    with pytest.raises(ValueError, match=r"other generator settings .*n: 6 in the existing batch, 7 now"):
+        check_same_batch(faithful_batch, validated_settings({**recorded, "n": 7})[0])
 
 
 def test_two_device_workers_write_the_same_batch_as_one_process(faithful_batch: Path, tmp_path: Path) -> None:

@@ -233,11 +233,16 @@ class BatchWriter:
         if self.root.exists() and not self.root.is_dir():
             raise NotABatchError(f"cannot write a batch to {self.root}: it exists and is not a folder")
         if not self.root.exists():
-            self.root.mkdir(parents=True)
+            self.root.mkdir(parents=True, exist_ok=True)  # another writer may create it meanwhile
             return
         is_batch = (self.root / METADATA_FILE).exists() or (self.root / MANIFEST_FILE).exists()
-        claiming = f".{METADATA_FILE}.new."  # another writer's batch.json on its way in (_claim_metadata)
-        if not is_batch and any(not p.name.startswith(claiming) for p in self.root.iterdir()):
+        # another writer's batch.json on its way in (_claim_metadata): its claim file, and the temporary
+        # file atomic_write_json writes that claim through (named ".<claim file name>.<random>.tmp")
+        claiming = (f".{METADATA_FILE}.new.", f"..{METADATA_FILE}.new.")
+        others = not is_batch and any(not p.name.startswith(claiming) for p in self.root.iterdir())
+        # a writer makes batch.json before anything else, so what it made after our first look means
+        # batch.json is there by now
+        if others and not (self.root / METADATA_FILE).exists():
             raise NotABatchError(
                 f"cannot write a batch to {self.root}: the folder is not empty and has no {METADATA_FILE}; "
                 "choose an empty or new folder"
@@ -266,13 +271,14 @@ class BatchWriter:
         if old_meta.get("format_version") != BATCH_FORMAT_VERSION:
             raise NotABatchError(
                 f"{path} has format version {old_meta.get('format_version')!r}; this writer writes "
-                f"{BATCH_FORMAT_VERSION}. Write to a new folder or pass overwrite=True"
+                f"{BATCH_FORMAT_VERSION}. Write to a new folder (or delete this one; Python: overwrite=True)"
             )
         differences = json_diff(_comparable(old_meta), _comparable(new_meta), "in the existing batch", "now")
         if differences:
             raise ValueError(
                 f"{self.root} already holds a batch with different metadata; refusing to mix them "
-                f"(use a new folder, or overwrite=True to start again): " + "; ".join(differences[:8])
+                f"(use a new folder, or delete this one to start again; overwrite=True from Python): "
+                + "; ".join(differences[:8])
             )
         return old_meta
 
