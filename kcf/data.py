@@ -162,8 +162,9 @@ class ItemError:
     """An image that cannot be labelled: it becomes an ``error`` row of SCORES."""
 
     image_id: str
-    image: str
+    image: str  # as shown in messages: relative to the input's root
     reason: str
+    path: Path | None = None  # the image file, for SCORES' absolute ``image`` column (None: no path)
 
 
 def _shown_path(path: Path | None, root: Path) -> str:
@@ -209,7 +210,7 @@ def collect_items(
                 raise AnnotationError("entry has no usable 'img_path'", ref.source_path, "img_path")
             angles, label_source = rigid_angles(annotation)
         except (AnnotationError, ValueError) as err:
-            errors.append(ItemError(ref.image_id, shown, f"annotation: {err}"))
+            errors.append(ItemError(ref.image_id, shown, f"annotation: {err}", ref.image_path))
             continue
         bbox = tuple(float(v) for v in annotation.bbox)
         usable_bbox = bbox if bbox[2] > 0 and bbox[3] > 0 else None

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -227,6 +228,23 @@ def _module(spec: FoldSpec) -> KCFModule:
         spec.backbone, spec.bins.num_bins, spec.out_index, spec.pretrained_path, spec.dropout
     )
     return KCFModule(net, spec.bins, spec.optim)
+
+
+def check_fold_spec(spec: FoldSpec) -> None:
+    """Build one fold's network and Lightning Trainer and throw them away: settings only these reject
+    (a backbone timm does not have, a weights file that does not fit, an accelerator this machine lacks,
+    a precision Lightning does not know) fail here, before any image is read or the work folder claimed.
+    """
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    _module(spec)
+    with tempfile.TemporaryDirectory() as scratch, lightning_info_silenced():
+        try:
+            _trainer(spec, Path(scratch))
+        except (MisconfigurationException, ValueError) as err:
+            keys = ("accelerator", "devices", "precision")
+            settings = ", ".join(f"trainer.{k}={spec.trainer.get(k)!r}" for k in keys)
+            raise ValueError(f"the KCF trainer settings ({settings}) do not run here: {err}") from None
 
 
 def _dataset(spec: FoldSpec, items: Sequence[KCFItem], module: KCFModule) -> KCFDataset:

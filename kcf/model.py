@@ -63,8 +63,9 @@ class OptimSettings(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0.0)
+    # the CPU defaults (kcf/configs/kcf_default.yaml), so a config file that leaves these out gets them
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(0.001, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     step_size: int = Field(50, ge=1)

@@ -44,6 +44,7 @@ from kcf.folds import (
     FoldSpec,
     FoldStore,
     assign_folds,
+    check_fold_spec,
     items_digest,
     load_fold_module,
     score_fold,
@@ -70,7 +71,7 @@ class _Section(BaseModel):
 class TrainerSettings(_Section):
     """Lightning Trainer settings of each fold (one device per fold)."""
 
-    max_epochs: int = Field(8, ge=1)
+    max_epochs: int = Field(12, ge=1)  # kcf_default.yaml's
     accelerator: str = "auto"
     devices: int = Field(1, ge=1, le=1)
     precision: str | int = "32-true"
@@ -268,6 +269,8 @@ def run_kcf(
         raise ValueError(f"folds {bad} do not exist: choose among 0..{cfg.folds - 1}")
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
+    spec = fold_spec(cfg)
+    check_fold_spec(spec)  # settings only the network or the Trainer rejects, before any work
     items, errors, kind = collect_items(source, cfg.data.dst_images)
     folds = assign_folds([item.image_id for item in items], cfg.folds, cfg.seed)
     smallest_training_set = len(items) - max(np.bincount(list(folds.values())))
@@ -278,7 +281,6 @@ def run_kcf(
         )
     store = FoldStore(work_dir if work_dir is not None else default_work_dir(out))
     store.claim(_signature(cfg, items, source), restart=restart)
-    spec = fold_spec(cfg)
     resumed = []
     for fold in wanted:
         if store.is_done(fold):
@@ -408,7 +410,8 @@ def build_scores(
             row.update({f"{MODEL_NAME}_keep": not reason, f"{MODEL_NAME}_fold": int(s["fold"])})
         rows.append(row)
     for err in errors:
-        row = {"image_id": err.image_id, "image": err.image, "status": "error", "reason": err.reason}
+        image = str(err.path.absolute()) if err.path is not None else err.image  # as for scored rows
+        row = {"image_id": err.image_id, "image": image, "status": "error", "reason": err.reason}
         row.update({"keep": False, f"{MODEL_NAME}_keep": None, f"{MODEL_NAME}_fold": -1})
         row.update({f"{MODEL_NAME}_{m}": None for m in METRICS})
         rows.append(row)

@@ -141,7 +141,7 @@ def collect_threedst_items(
                     cache[annotation_path] = f"annotation: {err}"
             label = cache[annotation_path]
             if isinstance(label, str):
-                errors.append(ItemError(image_id, shown, label))
+                errors.append(ItemError(image_id, shown, label, image_path))
                 continue
             angles = (label["azimuth"], label["elevation"], label["theta"])
             items.append(KCFItem(image_id, shown, image_path, None, angles, "3d-dst"))

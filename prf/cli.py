@@ -63,8 +63,28 @@ def friendly_errors(func: F) -> F:
         except (UserError, FileNotFoundError, ValueError) as exc:
             console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
             raise typer.Exit(code=2) from None
+        except SystemExit as exc:
+            if not _is_lightning_sigterm(exc):
+                raise
+            # Lightning stops training / prediction on SIGTERM with a SystemExit without a code, which
+            # would exit 0: a scheduler's preemption must not look like success to the next step
+            console.print(
+                "[bold red]stopped:[/] SIGTERM; the work so far is kept: rerun the same command to resume",
+                highlight=False,
+                markup=True,
+            )
+            raise typer.Exit(code=SIGTERM_EXIT_CODE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
+
+
+def _is_lightning_sigterm(exc: SystemExit) -> bool:
+    """Whether ``exc`` is Lightning's SIGTERMException (looked up only when Lightning is loaded)."""
+    module = sys.modules.get("pytorch_lightning.utilities.exceptions")
+    return module is not None and isinstance(exc, module.SIGTERMException)
 
 
 def show_info_logs() -> None:

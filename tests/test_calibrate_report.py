@@ -359,6 +359,28 @@ def test_friendly_errors_keep_square_brackets_in_paths(tmp_path: Path) -> None:
     assert str(out) in "".join(result.output.split())  # however Rich wrapped it (tmp paths have no spaces)
 
 
+def test_a_sigterm_that_lightning_turned_into_an_exit_is_not_a_success() -> None:
+    # Lightning answers SIGTERM by raising SIGTERMException, a SystemExit without a code (exit status 0)
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from prf.cli import SIGTERM_EXIT_CODE, friendly_errors
+
+    def preempted() -> None:
+        raise SIGTERMException
+
+    app = typer.Typer()
+    app.command("train")(friendly_errors(preempted))
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == SIGTERM_EXIT_CODE == 143 and "rerun the same command" in result.output
+
+    def finished_early() -> None:
+        raise SystemExit(0)  # any other exit passes through as it is
+
+    app = typer.Typer()
+    app.command("x")(friendly_errors(finished_early))
+    assert CliRunner().invoke(app, []).exit_code == 0
+
+
 def test_summary_error_rows_keep_square_brackets() -> None:
     from rich.console import Console
 

@@ -223,7 +223,19 @@ def test_command_fails_before_any_work(batch: Path, tmp_path: Path) -> None:
         kcf_command(batch, set_values=["model.backbon=resnet50"], out=out, quiet=True)
     with pytest.raises(FileNotFoundError):
         kcf_command(tmp_path / "missing", out=out, quiet=True)
+    # settings only the network or Lightning rejects, also before the work folder is claimed (a claimed
+    # folder would refuse the corrected rerun as "another run")
+    with pytest.raises(ValueError, match="timm has no model named 'resnet18x'"):
+        kcf_command(batch, set_values=["model.backbone=resnet18x"], out=out, quiet=True)
+    with pytest.raises(ValueError, match=r"trainer settings \(trainer\.accelerator='nosuchdevice'"):
+        kcf_command(batch, set_values=["trainer.accelerator=nosuchdevice"], out=out, quiet=True)
     assert not out.exists() and not (tmp_path / "scores.kcf").exists()
+
+
+def test_a_config_file_that_leaves_keys_out_gets_the_cpu_defaults(tmp_path: Path) -> None:
+    partial = tmp_path / "kcf.yaml"
+    partial.write_text("folds: 3\n")
+    assert load_config(partial).model_dump() == load_config(overrides={"folds": 3}).model_dump()
 
 
 def test_command_runs_through_typer(batch: Path, tmp_path: Path) -> None:
@@ -302,6 +314,9 @@ def test_geodesic_threshold_and_error_rows(batch: Path, full_run, tmp_path: Path
     first, second = reader.image_ids()[:2]
     assert rows.loc[first, "status"] == "error" and "image" in rows.loc[first, "reason"]
     assert rows.loc[second, "status"] == "error" and "annotation" in rows.loc[second, "reason"]
+    # error rows name the image by its absolute path, as scored rows do (and so keep / reject.txt)
+    assert rows.loc[second, "image"] == str((broken / f"{second}.png").absolute())
+    assert all(Path(line).is_absolute() for line in (tmp_path / "reject.txt").read_text().splitlines())
     assert pd.isna(rows.loc[first, "kcf_ce"]) and not rows.loc[first, "keep"]
     assert (rows["status"] == "ok").sum() == 5
 
