@@ -99,8 +99,9 @@ class KCFThresholds(_Section):
     """KCF verdict thresholds: keep when ``kcf_ce <= ce_max`` (nats, summed over the three heads) and, if
     set, ``kcf_geodesic <= geodesic_max`` (radians). Either may be null, not both."""
 
-    ce_max: float | None = Field(3.73, gt=0.0)
-    geodesic_max: float | None = Field(None, gt=0.0, le=math.pi)
+    # strict: a YAML true is not the number 1
+    ce_max: float | None = Field(3.73, gt=0.0, strict=True)
+    geodesic_max: float | None = Field(None, gt=0.0, le=math.pi, strict=True)
 
     @model_validator(mode="after")
     def _one_set(self) -> KCFThresholds:
@@ -112,10 +113,13 @@ class KCFThresholds(_Section):
 def _validation_message(err: ValidationError, what: str) -> str:
     lines = []
     for item in err.errors()[:5]:
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(
-            f"unknown key '{key}'" if item["type"] == "extra_forbidden" else f"'{key}': {item['msg']}"
-        )
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        elif not key:  # a check of the whole file (a model validator)
+            lines.append(str(item["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"'{key}': {item['msg']}")
     return f"invalid {what}: " + "; ".join(lines)
 
 
@@ -170,7 +174,9 @@ def load_thresholds(path: str | os.PathLike[str] | KCFThresholds | None) -> Thre
     path = Path(path)
     raw = _read_yaml(path, "KCF thresholds file")
     try:
-        limits = KCFThresholds.model_validate(raw)
+        # in a file, a threshold left out is not checked (the built-in ce_max would reject nearly every
+        # image of a CPU-sized KCF next to a geodesic_max); the default is for running without a file
+        limits = KCFThresholds.model_validate({"ce_max": None, "geodesic_max": None, **raw})
     except ValidationError as err:
         raise ValueError(_validation_message(err, f"KCF thresholds file ({path})")) from None
     return ThresholdsFile(limits, path, sha256_file(path), path.read_text(encoding="utf-8"))

@@ -198,12 +198,17 @@ def test_thresholds_file_is_validated(tmp_path: Path) -> None:
     good.write_text("ce_max: 4.5\ngeodesic_max: 0.5236\n")
     loaded = load_thresholds(good)
     assert loaded.thresholds.geodesic_max == pytest.approx(0.5236) and len(loaded.sha256) == 64
+    only_geodesic = tmp_path / "geodesic.yaml"  # a threshold a file leaves out is not checked
+    only_geodesic.write_text("geodesic_max: 1.5708\n")
+    assert load_thresholds(only_geodesic).thresholds.ce_max is None
     for text, message in (
         ("ce_max: 3.7\nce_maxx: 2\n", "unknown key 'ce_maxx'"),
         ("ce_max: -1\n", "'ce_max'"),
         ("ce_max: null\ngeodesic_max: null\n", "nothing to threshold"),
         ("geodesic_max: 4.0\n", "'geodesic_max'"),
         ("- 1\n", "YAML mapping"),
+        ("ce_max: true\n", "'ce_max': Input should be a valid number"),
+        ("{}\n", "nothing to threshold"),
     ):
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
