@@ -72,33 +72,56 @@ class TablePoseSource(PoseSource):
         return {"kind": "table", "path": str(self.path), "count": len(self.poses), "skipped": self.skipped}
 
 
+class PoseFileError(ValueError):
+    """A pose file that cannot be read as poses; the message names the file and the field."""
+
+
 def load_pose_table(path: Path) -> np.ndarray:
-    """(N, J*3) float64 poses from an Animal3D JSON, a Parquet file or an NPZ file."""
+    """(N, J*3) float64 poses from an Animal3D JSON, a Parquet file or an NPZ file. Errors name the file
+    and the field."""
     if not path.exists():
         raise FileNotFoundError(f"pose file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".json", ".parquet", ".npz"):
+        raise ValueError(f"{path}: unsupported pose file type {suffix!r} (use .json, .parquet or .npz)")
+    try:
+        poses = _read_pose_rows(path, suffix)
+    except PoseFileError:
+        raise
+    except (TypeError, ValueError) as err:  # numpy on non-numeric or ragged values
+        raise PoseFileError(f"{path}: field 'pose' must hold lists of numbers ({err})") from None
+    if poses.ndim != 2 or poses.shape[0] == 0 or poses.shape[1] == 0:
+        raise PoseFileError(f"{path}: field 'pose' holds no poses")
+    return poses
+
+
+def _read_pose_rows(path: Path, suffix: str) -> np.ndarray:
     if suffix == ".json":
         data = json.loads(path.read_text())
         entries = data["data"] if isinstance(data, dict) and "data" in data else data
         if not isinstance(entries, list):
-            raise ValueError(f"{path}: expected an Animal3D JSON with a 'data' list")
+            raise PoseFileError(f"{path}: expected an Animal3D JSON with a 'data' list")
         rows = [e["pose"] for e in entries if isinstance(e, dict) and "pose" in e]
-        lengths = {len(r) for r in rows}
-        if len(lengths) != 1:
-            raise ValueError(f"{path}: field 'pose' has mixed lengths {sorted(lengths)}")
+        if not rows:
+            raise PoseFileError(f"{path}: no entry has a field 'pose'")
+        lengths = {len(r) if isinstance(r, list) else -1 for r in rows}
+        if len(lengths) != 1 or -1 in lengths:
+            raise PoseFileError(f"{path}: field 'pose' has mixed lengths or non-lists ({sorted(lengths)})")
         return np.asarray(rows, dtype=np.float64)
     if suffix == ".parquet":
         frame = pd.read_parquet(path)
         if "pose" not in frame.columns:
-            raise ValueError(f"{path}: no 'pose' column (columns: {list(frame.columns)})")
+            raise PoseFileError(f"{path}: no 'pose' column (columns: {list(frame.columns)})")
+        if frame.empty:
+            raise PoseFileError(f"{path}: field 'pose' holds no poses")
         return np.stack([np.asarray(v, dtype=np.float64) for v in frame["pose"]])
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            if "pose" not in npz.files:
-                raise ValueError(f"{path}: no 'pose' array (arrays: {npz.files})")
-            poses = np.asarray(npz["pose"], dtype=np.float64)
-        return poses.reshape(poses.shape[0], -1)
-    raise ValueError(f"{path}: unsupported pose file type {suffix!r} (use .json, .parquet or .npz)")
+    with np.load(path, allow_pickle=False) as npz:
+        if "pose" not in npz.files:
+            raise PoseFileError(f"{path}: no 'pose' array (arrays: {npz.files})")
+        poses = np.asarray(npz["pose"], dtype=np.float64)
+    if poses.ndim == 0 or poses.shape[0] == 0:
+        raise PoseFileError(f"{path}: field 'pose' holds no poses")
+    return poses.reshape(poses.shape[0], -1)
 
 
 def build_pose_source(poses: str | None, joint_names: list[str], pose_config: str | None) -> PoseSource:

@@ -301,3 +301,30 @@ def test_image_format_jpg_writes_jpegs_with_the_same_annotations(
     bad = CliRunner().invoke(app, ["generate", str(tmp_path / "bad"), "--n", "1", "--image-format", "gif"])
     assert bad.exit_code != 0 and "image_format" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_poses_from_a_table_file_and_clear_errors_for_bad_ones(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    table = tmp_path / "poses.json"  # an Animal3D-style list of poses (35 joints x 3, radians)
+    table.write_text(
+        json.dumps({"data": [{"pose": (0.1 * rng.standard_normal(105)).tolist()} for _ in range(3)]})
+    )
+    out = tmp_path / "batch"
+    run_generate(out, {"n": 2, "seed": 1, "image_size": SIZE, "poses": str(table)}, quiet=True)
+    source = json.loads((out / "batch.json").read_text())["pose_source"]
+    assert source["kind"] == "table" and source["count"] == 3 and len(BatchReader(out).image_ids()) == 2
+    np.savez(tmp_path / "empty.npz", pose=np.zeros((0, 105)))
+    for name, text, message in (
+        ("no_pose.json", {"data": [{"x": 1}]}, "no entry has a field 'pose'"),
+        ("text.json", {"data": [{"pose": ["abc"] * 105}]}, "field 'pose' must hold lists of numbers"),
+        ("ragged.json", {"data": [{"pose": [0.0] * 105}, {"pose": [0.0] * 3}]}, "mixed lengths"),
+        ("empty.npz", None, "field 'pose' holds no poses"),
+    ):
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(json.dumps(text))
+        with pytest.raises(ValueError, match=message) as caught:
+            run_generate(
+                tmp_path / f"out_{name}", {"n": 1, "image_size": SIZE, "poses": str(path)}, quiet=True
+            )
+        assert str(path) in str(caught.value)
