@@ -10,7 +10,7 @@ Work folder (``FoldStore``), next to the SCORES file (``scores.parquet`` -> ``sc
                             with anything else is refused unless restarted
     fold_<k>/last.ckpt      Lightning checkpoint while fold k trains (resumes mid-fold; deleted when done)
     fold_<k>/model.pt       the fold's trained classifier ({"state_dict", "net", "bins", "fold"}), and
-    fold_<k>/train.json     its training wall seconds (a fold resumed mid-training counts its last attempt)
+    fold_<k>/train.json     its training wall seconds (over every attempt of a fold resumed mid-training)
     fold_<k>/scores.parquet the held-out scores of fold k
     fold_<k>/done.json      written last: fold k is finished (with its train / score wall times)
 
@@ -192,12 +192,23 @@ def _loader(dataset: KCFDataset, batch_size: int, workers: int, shuffle: bool, s
     )
 
 
+TRAIN_SECONDS_KEY = "kcf_train_seconds"  # in last.ckpt: the fold's training wall seconds so far
+
+
 class SaveLastCheckpoint(pl.Callback):
     """Write the Lightning checkpoint to ``path`` at the end of every training epoch, atomically (a kill
-    during the write leaves the previous one)."""
+    during the write leaves the previous one), with the training seconds so far: ``seconds_before`` (the
+    earlier attempts', read from the checkpoint resumed) plus this attempt's since it started."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, seconds_before: float = 0.0) -> None:
         self.path = Path(path)
+        self.seconds_before = seconds_before
+        self.started = time.perf_counter()
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[TRAIN_SECONDS_KEY] = self.seconds_before + time.perf_counter() - self.started
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -207,9 +218,12 @@ class SaveLastCheckpoint(pl.Callback):
         os.replace(tmp, self.path)
 
 
-def _trainer(spec: FoldSpec, fold_dir: Path, extra: Sequence[pl.Callback] = ()) -> pl.Trainer:
+def _trainer(
+    spec: FoldSpec, fold_dir: Path, extra: Sequence[pl.Callback] = (), seconds_before: float = 0.0
+) -> pl.Trainer:
     progress, live_bar = progress_callbacks(spec.progress_bar)
-    callbacks: list[pl.Callback] = [SaveLastCheckpoint(fold_dir / "last.ckpt"), *extra, *progress]
+    save = SaveLastCheckpoint(fold_dir / "last.ckpt", seconds_before)
+    callbacks: list[pl.Callback] = [save, *extra, *progress]
     return pl.Trainer(
         **spec.trainer,
         callbacks=callbacks,
@@ -261,8 +275,8 @@ def train_fold(
     callbacks: Sequence[pl.Callback] = (),
 ) -> tuple[KCFModule, float]:
     """Train fold ``fold``'s classifier on ``train_items`` (resuming from its ``last.ckpt``), save
-    ``model.pt``; returns (module, training wall seconds of this call). ``callbacks`` are added to the
-    fold's Lightning Trainer (after the one that writes ``last.ckpt``)."""
+    ``model.pt``; returns (module, training wall seconds: this call's plus those of earlier attempts).
+    ``callbacks`` are added to the fold's Lightning Trainer (after the one that writes ``last.ckpt``)."""
     fold_dir = store.fold_dir(fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(spec.seed + 1000 * fold, workers=True, verbose=False)
@@ -270,11 +284,12 @@ def train_fold(
     dataset = _dataset(spec, train_items, module)
     loader = _loader(dataset, spec.batch_size, spec.num_workers, True, spec.seed + fold)
     last = store.last_checkpoint(fold)
+    before = _seconds_trained(last) if last.is_file() else 0.0
     started = time.perf_counter()
     with lightning_info_silenced():
-        trainer = _trainer(spec, fold_dir, callbacks)
+        trainer = _trainer(spec, fold_dir, callbacks, before)
         trainer.fit(module, train_dataloaders=loader, ckpt_path=last if last.is_file() else None)
-    seconds = time.perf_counter() - started
+    seconds = before + time.perf_counter() - started
     tmp = store.model_path(fold).with_name(".model.pt.tmp")
     torch.save(
         {
@@ -293,6 +308,12 @@ def train_fold(
         fold_dir / "train.json", {"train_seconds": seconds, "epochs": int(trainer.current_epoch)}
     )
     return module, seconds
+
+
+def _seconds_trained(last: Path) -> float:
+    """The training seconds a fold's ``last.ckpt`` records (0 for one written before they were)."""
+    saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    return float(saved.get(TRAIN_SECONDS_KEY, 0.0))
 
 
 def load_fold_module(spec: FoldSpec, store: FoldStore, fold: int) -> KCFModule:

@@ -230,8 +230,9 @@ class KCFResult:
     train_seconds: float
     score_seconds: float
     wall_seconds: float
-    resumed_folds: list[int] = field(default_factory=list)
+    resumed_folds: list[int] = field(default_factory=list)  # finished by an earlier run: skipped
     metadata: dict[str, Any] = field(default_factory=dict)
+    continued_folds: list[int] = field(default_factory=list)  # trained on from an earlier run's last.ckpt
 
 
 def default_work_dir(out: Path) -> Path:
@@ -287,11 +288,13 @@ def run_kcf(
         )
     store = FoldStore(work_dir if work_dir is not None else default_work_dir(out))
     store.claim(_signature(cfg, items, source), restart=restart)
-    resumed = []
+    resumed, continued = [], []
     for fold in wanted:
         if store.is_done(fold):
             resumed.append(fold)
             continue
+        if store.last_checkpoint(fold).is_file():
+            continued.append(fold)
         train_items = [item for item in items if folds[item.image_id] != fold]
         held_out = [item for item in items if folds[item.image_id] == fold]
         info: dict[str, Any] = {"fold": fold, "train_images": len(train_items), "held_out": len(held_out)}
@@ -365,7 +368,7 @@ def run_kcf(
     keep_file, reject_file = write_scores(scores, out, metadata)
     return KCFResult(
         scores, out, keep_file, reject_file, store.root, train_s, score_s,
-        time.perf_counter() - started, resumed, metadata,
+        time.perf_counter() - started, resumed, metadata, continued,
     )  # fmt: skip
 
 

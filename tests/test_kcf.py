@@ -24,6 +24,7 @@ from PIL import Image
 from kcf.cli import kcf as kcf_command
 from kcf.data import AngleBins, collect_items, rigid_angles
 from kcf.folds import (
+    TRAIN_SECONDS_KEY,
     FoldStore,
     assign_folds,
     load_fold_module,
@@ -436,8 +437,12 @@ def test_resume_in_the_middle_of_a_fold(batch: Path, tmp_path: Path) -> None:
     store = FoldStore(tmp_path / "resumed" / "scores.kcf")
     checkpoint = torch.load(store.last_checkpoint(0), map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 0 and not store.model_path(0).exists()
+    first_attempt = checkpoint[TRAIN_SECONDS_KEY]
+    assert first_attempt > 0
     resumed = run_kcf(batch, out, cfg)
+    assert resumed.continued_folds == [0] and resumed.resumed_folds == []
     assert not store.last_checkpoint(0).exists()  # removed once the fold is done
+    assert store.train_seconds(0) > first_attempt  # the fold's time counts both attempts
     uninterrupted = run_kcf(batch, tmp_path / "plain" / "scores.parquet", cfg)
     pd.testing.assert_frame_equal(
         resumed.scores.drop(columns="image"), uninterrupted.scores.drop(columns="image"), rtol=1e-5, atol=1e-6
