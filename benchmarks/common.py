@@ -13,7 +13,7 @@ Conventions (every benchmark uses them):
 - Effect size: with ``min_effect`` set, failures whose ``failure_effect`` (largest image-space keypoint
   displacement, sqrt(silhouette area) units; docs/batch-format.md) is below it are LEFT OUT of the subset
   (neither a miss when kept nor a hit when rejected): the injection barely changed the image, so the
-  annotation is still about right (FINDINGS.md). ``n_excluded`` says how many were left out.
+  annotation is still about right (within PCK@0.15's tolerance). ``n_excluded`` says how many were left out.
 - An image that a SCORES table marks ``status: error`` counts as rejected (a filter drops it); its metrics
   are NaN, which AUROC treats as the most suspicious value.
 - AUROC is computed on scores oriented so that larger means "more likely a failure" (``higher_is_worse``).

@@ -73,7 +73,7 @@ step "score: calibration" prf score "$work/calibration" --thresholds examples/th
 # the validation batch, scored the same way, only to report how the chosen thresholds carry over
 step "score: validation" prf score "$work/validation" --thresholds examples/thresholds-paper.yaml \
   --models checkpoints/prf_model_a.pt --models checkpoints/prf_model_b.pt --out "$work/validation_scores/scores.parquet"
-prf calibrate "$work/calibration_scores/scores.parquet" --labels "$work/calibration" --out thresholds.yaml \
+prf calibrate "$work/calibration_scores/scores.parquet" --labels "$work/calibration" --out thresholds.yaml --force \
   --objective mcc --metric pa_mpjpe --metric s_mpjpe --metric pck --metric max_rel_kp_error \
   --plot "$work/calibration_roc.png" \
   --check-scores "$work/validation_scores/scores.parquet" --check-labels "$work/validation"

@@ -597,6 +597,7 @@ def calibrate(
     objective: str = "f1",
     check_scores: str | os.PathLike[str] | None = None,
     check_labels: str | os.PathLike[str] | None = None,
+    overwrite: bool = True,
 ) -> CalibrationResult:
     """Choose thresholds on SCORES + labels (module docstring), write ``out`` and the ROC / PR plot.
 
@@ -612,6 +613,7 @@ def calibrate(
         check_scores, check_labels: optionally a second labelled SCORES file (made with the same models)
             on which the chosen thresholds are judged too (``evaluate_thresholds``); it never influences
             the choice. Compare metric sets by this, not by the calibration images' own figures.
+        overwrite: False refuses an existing ``out`` (``prf calibrate`` without ``--force``).
     """
     scores, out = Path(scores), Path(out)
     metrics = list(dict.fromkeys(metrics))  # a metric named twice is still one threshold
@@ -630,6 +632,8 @@ def calibrate(
         raise ValueError("give both --check-scores and --check-labels, or neither")
     if check_scores is not None and not Path(check_scores).is_file():
         raise FileNotFoundError(f"check SCORES file {check_scores} does not exist (make it with prf score)")
+    if out.is_file() and not overwrite:
+        raise ValueError(f"--out {out} exists; pass --force to replace it, or choose another --out")
     provenance = read_provenance(scores)
     check_labels_belong(labels, provenance, scores)
     source = read_thresholds_of(provenance)

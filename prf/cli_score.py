@@ -25,9 +25,13 @@ def score(
     input: Annotated[
         Path, typer.Argument(help="A BATCH folder, an Animal3D JSON, or a folder of image + JSON.")
     ],
-    thresholds: Annotated[Path, typer.Option(help="Thresholds file (docs/thresholds.md).")] = Path(
-        "thresholds.yaml"
-    ),
+    thresholds: Annotated[
+        Path | None,
+        typer.Option(
+            help="Thresholds file (docs/thresholds.md). Default: thresholds.yaml here, else the one shipped "
+            "with prf for the default checkpoints."
+        ),
+    ] = None,
     models: Annotated[
         list[str] | None,
         typer.Option(
@@ -84,6 +88,10 @@ def score(
     """Score images with the PRF regressors; keep those the models keep (SCORES, keep.txt, reject.txt)."""
     from prf.cli import friendly_errors
 
+    if thresholds is None:
+        from prf.score import default_thresholds
+
+        thresholds = default_thresholds()
     friendly_errors(_score)(
         input, thresholds, _split_models(models), out, batch_size, workers, device, limit, quiet,
         (devices, num_nodes, strategy, accelerator), processes, (smal, family_data),
@@ -157,9 +165,9 @@ def calibrate(
         float | None,
         typer.Option(help="Loosest thresholds whose kept images are at least this share faithful (0-1)."),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Thresholds file to write.")] = Path(
-        "thresholds.yaml"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Thresholds file to write (an existing one needs --force).")
+    ] = Path("thresholds.yaml"),
     plot: Annotated[
         Path | None, typer.Option(help="ROC / precision-recall PNG (default: <out stem>.roc.png).")
     ] = None,
@@ -181,12 +189,13 @@ def calibrate(
     check_labels: Annotated[
         Path | None, typer.Option(help="The labels of --check-scores (CSV or BATCH).")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Choose per-model thresholds from labelled images (best F1 or MCC, or a kept-set precision)."""
     from prf.cli import friendly_errors
 
     friendly_errors(_calibrate)(
-        scores, labels, target_precision, out, plot, metric, objective, check_scores, check_labels
+        scores, labels, target_precision, out, plot, metric, objective, check_scores, check_labels, force
     )
 
 
@@ -200,6 +209,7 @@ def _calibrate(
     objective: str,
     check_scores: Path | None = None,
     check_labels: Path | None = None,
+    force: bool = False,
 ) -> None:
     from rich.console import Console
 
@@ -216,6 +226,7 @@ def _calibrate(
         objective,
         check_scores,
         check_labels,
+        overwrite=force,  # the default --out is the thresholds.yaml prf score and prf demo read
     )
     console = Console()
     console.print(result.renderable())

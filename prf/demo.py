@@ -18,15 +18,9 @@ from rich.table import Table
 
 from generation.run import run_generate
 from generation.sheet import write_contact_sheet
-from prf.score import REPO_ROOT, score
+from prf.score import default_thresholds, score
 
 console = Console()
-
-
-def default_thresholds() -> Path:
-    """thresholds.yaml in the current folder, else the one shipped at the root of the source tree."""
-    local = Path("thresholds.yaml")
-    return local if local.is_file() else REPO_ROOT / "thresholds.yaml"
 
 
 def verdicts_vs_injected(batch: Path, scores_path: Path) -> Table:
@@ -50,9 +44,11 @@ def run_demo(out: Path = Path("demo"), n: int = 48, seed: int = 2026, image_size
     console.rule("[bold]1. generate a 3D-DST batch (built-in quadruped, render backend)")
     run_generate(batch, {"n": n, "seed": seed, "image_size": image_size, "inject_failures": 0.5})
     sheet = write_contact_sheet(batch, out / "batch_sheet.png", limit=12)
-    console.rule("[bold]2. score it with PRF (default checkpoints, thresholds.yaml)")
+    thresholds = default_thresholds()
+    console.rule("[bold]2. score it with PRF (default checkpoints)")
+    console.print(f"thresholds: {thresholds}", markup=False)
     scores_path = out / "scores.parquet"
-    summary = score(batch, default_thresholds(), out=scores_path, workers=0)
+    summary = score(batch, thresholds, out=scores_path, workers=0)
     console.print(summary.renderable())
     console.rule("[bold]3. result")
     console.print(verdicts_vs_injected(batch, scores_path))

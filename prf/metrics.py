@@ -322,7 +322,7 @@ def topk_mean_error(pred: Tensor, target: Tensor, k: int, visibility: Tensor | N
     """Mean of the k largest per-keypoint errors: a score that reacts to one misplaced limb.
 
     A mean over all N keypoints dilutes a wrong leg (2-4 keypoints) to the size of the model's own noise;
-    the top-k mean (k about 3) does not (see FINDINGS.md: AUROC 0.86-0.87 for swapped or bent legs).
+    the top-k mean (k about 3) does not.
 
     Args:
         pred, target: (B, N, D) in one unit (pixels, or "mm").

@@ -105,6 +105,13 @@ class ScoringModel:
     checkpoint: Path
 
 
+def default_thresholds() -> Path:
+    """thresholds.yaml in the current folder, else the one shipped at the root of the source tree (for
+    the default checkpoints)."""
+    local = Path("thresholds.yaml")
+    return local if local.is_file() or not (REPO_ROOT / local).is_file() else REPO_ROOT / local
+
+
 def default_checkpoint(name: str) -> Path:
     """``checkpoints/prf_model_<name>.pt`` in the current folder, else in the prf source tree."""
     relative = Path("checkpoints") / f"prf_model_{name.lower()}.pt"

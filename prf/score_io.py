@@ -352,12 +352,13 @@ def write_lists(out: Path) -> tuple[Path, Path]:
 
 
 def agreement_label(kept: Sequence[str], names: Sequence[str]) -> str:
-    """'both keep' / 'only A' / 'neither' for two models; 'all keep' / 'only A+C' / 'none keep' otherwise."""
+    """'both keep' / 'only A keeps' / 'neither keeps' for two models; 'all keep' / 'only A+C keep' /
+    'none keep' otherwise."""
     if len(kept) == len(names):
         return "both keep" if len(names) == 2 else "all keep"
     if not kept:
-        return "neither" if len(names) == 2 else "none keep"
-    return "only " + "+".join(kept)
+        return "neither keeps" if len(names) == 2 else "none keep"
+    return "only " + "+".join(kept) + (" keeps" if len(kept) == 1 else " keep")
 
 
 @dataclass
@@ -423,7 +424,8 @@ class ScoreSummary:
         for name in self.models:
             for metric, count in self.failures.get(name, {}).items():
                 reasons.add_row(name, metric, self.limits[name][metric], str(count))
-        agree = Table(title="per-model agreement (scored images)")
+        rule = "kept only when every model keeps it" if self.combine == "all" else "kept when one does"
+        agree = Table(title=f"per-model agreement (scored images; an image is {rule})")
         agree.add_column("verdicts")
         agree.add_column("images")
         for label, count in self.agreement.items():
@@ -445,7 +447,7 @@ def _share(count: int, total: int) -> str:
 
 def _ordered_labels(names: Sequence[str]) -> list[str]:
     labels = [agreement_label(list(names), names)]
-    labels += [f"only {name}" for name in names] if len(names) == 2 else []
+    labels += [agreement_label([name], names) for name in names] if len(names) == 2 else []
     labels.append(agreement_label([], names))
     return labels
 

@@ -312,25 +312,16 @@ def test_cli_calibrate_and_report_and_friendly_errors(scored: tuple[Env, Path], 
         (["report", str(out), "--per-sheet", "0"], "--per-sheet must be >= 1"),
         (["report", str(out), "--out", str(th)], "is a file"),
         (["calibrate", str(out), "--labels", str(env.batch), "--out", str(tmp_path)], "is a folder"),
+        # an existing thresholds file (the default --out is the one prf score uses) is not replaced silently
+        (["calibrate", str(out), "--labels", str(env.batch), "--out", str(th)], "pass --force to replace it"),
         (["report", str(th)], "is it a SCORES file from prf score?"),
     ):
         result = runner.invoke(app, args)
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and phrase in text and "Traceback" not in text, (args, result.output)
     # a metric named twice is one threshold
-    args = [
-        "calibrate",
-        str(out),
-        "--labels",
-        str(env.batch),
-        "--out",
-        str(th),
-        "--metric",
-        "pck",
-        "--metric",
-        "pck",
-    ]
-    assert runner.invoke(app, args).exit_code == 0
+    args = ["calibrate", str(out), "--labels", str(env.batch), "--out", str(th), "--force"]
+    assert runner.invoke(app, [*args, "--metric", "pck", "--metric", "pck"]).exit_code == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text(LOOSE.replace("min: 0}", "min: 0, extra: 1}"))
     result = runner.invoke(
