@@ -123,6 +123,13 @@ def _score(
     body = SMAL.from_file(smal_path, family_data=family_data) if smal_path is not None else None
 
     devices, num_nodes, strategy, accelerator = distributed
+    if devices < 1 or num_nodes < 1:
+        raise ValueError(f"need --devices >= 1 and --num-nodes >= 1, got {devices} and {num_nodes}")
+    if devices * num_nodes == 1 and (accelerator != "auto" or strategy != "ddp"):
+        raise ValueError(
+            "--accelerator and --strategy choose how Lightning runs several processes (--devices / "
+            "--num-nodes > 1); one process runs on --device (auto, cpu, cuda)"
+        )
     if devices * num_nodes > 1:  # several processes: Lightning's predict loop (imported only then)
         from prf.score import default_batch_size, default_workers
         from prf.score_distributed import rank_device_type, score_distributed

@@ -467,6 +467,7 @@ def score(
     torch_device = usable_device(device)
     batch_size = default_batch_size(torch_device.type) if batch_size is None else batch_size
     check_run_options(batch_size, workers, limit, flush_rows)
+    check_out_path(Path(out))
     check_processes(processes, torch_device, workers)
     started = time.perf_counter()
     plan = plan_run(input_path, thresholds_path, models, out, limit)
@@ -520,8 +521,21 @@ def _score_todo(
 
 def check_run_options(batch_size: int, workers: int | None, limit: int | None, flush_rows: int) -> None:
     """The numeric options of a scoring run (one or several processes), checked before any work."""
-    if batch_size < 1 or (workers or 0) < 0 or (limit is not None and limit < 1) or flush_rows < 1:
-        raise ValueError("need batch_size >= 1, workers >= 0, limit >= 1 (or none) and flush_rows >= 1")
+    for name, value, least in (
+        ("--batch-size", batch_size, 1), ("--workers", workers, 0), ("--limit", limit, 1),
+        ("flush_rows", flush_rows, 1),
+    ):  # fmt: skip
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+
+
+def check_out_path(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be a file: a folder, or one under a path that is a file."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the SCORES file to write ({out}/scores.parquet)")
+    blocking = next((p for p in out.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ValueError(f"--out {out}: {blocking} is a file, so no folder can be made there")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,6 +34,7 @@ from prf.lightning_quiet import lightning_info_silenced
 from prf.score import (
     RunPlan,
     ScoringModel,
+    check_out_path,
     check_run_options,
     finish_run,
     load_models,
@@ -122,6 +124,7 @@ def score_distributed(
     in every rank before any model is loaded or anything is written.
     """
     check_run_options(batch_size, workers, limit, flush_rows)
+    check_out_path(Path(out))
     if devices < 1 or num_nodes < 1:
         raise ValueError(f"need --devices >= 1 and --num-nodes >= 1, got {devices} and {num_nodes}")
     if accelerator not in ("auto", "cpu", "gpu", "cuda"):

@@ -226,6 +226,18 @@ def _score_slices(
         writer.flush()  # finished rows are complete: keep them even when the run is interrupted
 
 
+def orphan_check(rank: int, parent: int) -> Callable[[], None]:
+    """A check run before each batch of process ``rank``: SystemExit once its parent ``parent`` (the
+    main process) is gone. A killed main process (SIGKILL, SIGTERM) leaves its children running; this
+    one stops within a batch, keeping the rows already scored, so that no orphan writes beside a rerun."""
+
+    def check() -> None:
+        if os.getppid() != parent:
+            raise SystemExit(f"process {rank}: the scoring run's main process is gone; stopping")
+
+    return check
+
+
 def _spawned_rank(
     rank: int, job: _RankJob, threads: int, errors: Any, loaded: LoadedModels | None = None
 ) -> None:
@@ -233,7 +245,7 @@ def _spawned_rank(
     traceback. ``loaded``: the caller's models when forked (inherited, not pickled), else None."""
     torch.set_num_threads(threads)
     try:
-        _score_slices(rank, job, loaded)
+        _score_slices(rank, job, loaded, orphan_check(rank, os.getppid()))
     except BaseException as err:  # Ctrl-C too: a slice it took is unfinished, so the caller must know
         errors.put(f"process {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
         raise SystemExit(1) from None

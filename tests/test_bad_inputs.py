@@ -199,6 +199,8 @@ def test_config_level_bad_inputs_exit_2_with_one_clear_line_before_any_work(env:
     yaml_code = tmp_path / "yaml_code.yaml"
     yaml_code.write_text(f"models: !!python/object/apply:os.mkdir [{str(marker)!r}]\n")
     out = tmp_path / "out" / "scores.parquet"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
     base = ["score", str(env.batch), "--out", str(out), "--quiet", "--workers", "0"]
     loose, models = ["--thresholds", str(env.loose)], ["--models", f"{env.a},{env.b}"]
     cases = {
@@ -220,6 +222,16 @@ def test_config_level_bad_inputs_exit_2_with_one_clear_line_before_any_work(env:
             base + loose + models + ["--smal", str(write_builtin_smal(tmp_path / "bigger.pkl", scale=1.1))],
             [str(env.a), "was trained for SMAL layout"],
         ),
+        "--out under a file": (
+            ["score", str(env.batch), "--out", str(a_file / "scores.parquet"), "--quiet", *loose, *models],
+            ["a_file is a file"],
+        ),
+        "Lightning options with one process": (
+            base + loose + models + ["--accelerator", "gpu"],
+            ["--accelerator and --strategy choose how Lightning runs several processes"],
+        ),
+        "--devices 0": (base + loose + models + ["--devices", "0"], ["need --devices >= 1"]),
+        "--limit 0": (base + loose + models + ["--limit", "0"], ["--limit must be >= 1, got 0"]),
         "--family-data without --smal": (
             base + loose + models + ["--family-data", str(tmp_path / "family.pkl")],
             ["--family-data", "give --smal too"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import threading
 import time
 from pathlib import Path
@@ -290,3 +291,11 @@ def test_processes_on_a_gpu_load_the_models_there_and_run_them_under_autocast(
     assert asked["amp"] and all(asked["amp"]) and len(asked["amp"]) == N_IMAGES // BATCH_SIZE
     written = pd.concat(pd.read_parquet(part) for part in plan.store.part_files())
     assert sorted(written["image_id"]) == sorted(run(env, tmp_path / "one.parquet")["image_id"])
+
+
+def test_a_process_whose_main_process_is_gone_stops_before_its_next_batch() -> None:
+    from prf.score_parallel import orphan_check
+
+    orphan_check(1, os.getppid())()  # the main process is there: go on
+    with pytest.raises(SystemExit, match="process 1: the scoring run's main process is gone"):
+        orphan_check(1, os.getppid() + 1_000_000)()  # re-parented (to init or a subreaper)
