@@ -351,6 +351,12 @@ def evaluate(
     torch_device = usable_device(device)
     if workers < 0:
         raise UserError(f"--workers must be >= 0, got {workers}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    if rows not in ("faithful", "failures", "all"):
+        raise UserError(f"--rows must be faithful, failures or all, got {rows!r}")
+    if family_data is not None and smal is None:
+        raise UserError("--family-data is the shape-family file of a SMAL model: give --smal too")
     body = SMAL.from_file(smal, family_data=family_data) if smal else None
     result = run_evaluate(
         checkpoint, data, batch_size, limit, rows, body, workers, str(torch_device), flip_test=flip_test

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from prf.body.smal import SMAL
 from prf.checkpoint import check_layout, load_export, plain, save_export
@@ -99,11 +100,11 @@ class TrainerSection(_Section):
     num_nodes: int = Field(1, ge=1)
     precision: str | int = "32-true"
     max_epochs: int = Field(100, ge=1)
-    max_steps: int = -1
+    max_steps: int = Field(-1, ge=-1)  # -1: no step limit
     log_every_n_steps: int = Field(20, ge=1)
     check_val_every_n_epoch: int = Field(1, ge=1)
-    limit_train_batches: float | int | None = None
-    limit_val_batches: float | int | None = None
+    limit_train_batches: float | int | None = Field(None, ge=0)
+    limit_val_batches: float | int | None = Field(None, ge=0)
     gradient_clip_val: float | None = None
     deterministic: bool = False
     fast_dev_run: bool | int = False
@@ -362,6 +363,11 @@ def run_train(
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{stage}-{cfg.model.arch}"
     resolved = {"stage": stage, "init": os.fspath(init) if init else None, **plain(cfg.model_dump())}
     last = run_dir / "last.ckpt"
+    if cfg.trainer.fast_dev_run and (last.is_file() or (run_dir / "export.pt").is_file()):
+        raise ValueError(
+            f"{run_dir} holds a run; trainer.fast_dev_run (a quick check that writes config.yaml and "
+            "export.pt) needs a new --run-dir"
+        )
     resume = last.is_file() and not cfg.trainer.fast_dev_run
     if resume:
         _check_resume(run_dir, resolved)
@@ -369,6 +375,7 @@ def run_train(
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
+    trainer = _make_trainer(cfg.trainer, run_dir)  # before anything is built: it checks the trainer keys
     smal = SMAL.from_file(cfg.smal, cfg.family_data) if cfg.smal else SMAL.builtin()
     net_spec = {
         "arch": cfg.model.arch,
@@ -421,14 +428,15 @@ def run_train(
         limit=cfg.data.limit,
         cache=cfg.data.cache_decoded,
     )
-    trainer = _make_trainer(cfg.trainer, run_dir)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    export_path = run_dir / "export.pt"
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
+    if resume and export_path.is_file() and _steps_in_export(export_path) == int(trainer.global_step):
+        return export_path  # a finished run run again: nothing trained, its export stays byte for byte
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     scores = {k.removeprefix("val/"): float(v) for k, v in (results[0] if results else {}).items()}
-    export_path = run_dir / "export.pt"
     if trainer.is_global_zero:
         save_export(
             export_path,
@@ -449,6 +457,14 @@ def run_train(
             steps_trained=int(trainer.global_step),
         )
     return export_path
+
+
+def _steps_in_export(path: Path) -> int | None:
+    """The ``steps_trained`` an export records (None when it cannot be read)."""
+    try:
+        return int(load_export(path)["steps_trained"])
+    except Exception:  # an unreadable or older export: write a new one
+        return None
 
 
 def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
@@ -475,6 +491,17 @@ def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
         "limit_val_batches": t.limit_val_batches,
         "gradient_clip_val": t.gradient_clip_val,
     }
+    try:
+        return _lightning_trainer(t, run_dir, callbacks, live_bar, optional)
+    except (MisconfigurationException, TypeError, ValueError) as err:
+        keys = ("accelerator", "devices", "strategy", "num_nodes", "precision")
+        settings = ", ".join(f"trainer.{k}={getattr(t, k)!r}" for k in keys)
+        raise ValueError(f"the trainer settings ({settings}) do not run here: {err}") from None
+
+
+def _lightning_trainer(
+    t: TrainerSection, run_dir: Path, callbacks: list[pl.Callback], live_bar: bool, optional: dict[str, Any]
+) -> pl.Trainer:
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

@@ -102,6 +102,35 @@ def test_resume_from_last_checkpoint(data: dict[str, Path], tmp_path: Path) -> N
     assert [p.name for p in run_dir.glob("epoch=*.ckpt")] == ["epoch=0001.ckpt"]
     with pytest.raises(ValueError, match=r"another config \(optim.lr"):
         run_train("synthetic", data["batch"], config, run_dir=run_dir, overrides={"optim.lr": 0.5})
+    # the finished run run again trains nothing and leaves its export byte for byte
+    export = run_dir / "export.pt"
+    before = sha256_file(export)
+    run_train("synthetic", data["batch"], config, run_dir=run_dir, overrides={"trainer.max_epochs": 2})
+    assert sha256_file(export) == before
+    # a quick check (fast_dev_run) would overwrite the run's config and export: it needs a new folder
+    with pytest.raises(ValueError, match="needs a new --run-dir"):
+        run_train(
+            "synthetic", data["batch"], config, run_dir=run_dir, overrides={"trainer.fast_dev_run": True}
+        )
+    assert sha256_file(export) == before
+
+
+def test_trainer_settings_and_empty_validation_are_errors_before_training(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    config = _config(data["root"], "hmr", max_epochs=1, limit_train_batches=1)
+    run_dir = tmp_path / "run"
+    with pytest.raises(
+        ValueError, match=r"trainer settings \(trainer\.accelerator='cpu', trainer\.devices='foo'"
+    ):
+        run_train("synthetic", data["batch"], config, run_dir=run_dir, overrides={"trainer.devices": "foo"})
+    assert not run_dir.exists()
+    failures = data["root"] / "failures_only"
+    run_generate(
+        failures, {"n": 3, "seed": 4, "image_size": 64, "inject_failures": 1.0}, workers=1, quiet=True
+    )
+    with pytest.raises(ValueError, match="no faithful validation samples"):
+        run_train("synthetic", data["batch"], config, run_dir=run_dir, val_data=[failures])
 
 
 def test_checkpoints_every_epoch_when_validating_less_often(data: dict[str, Path], tmp_path: Path) -> None:

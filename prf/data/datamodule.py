@@ -446,9 +446,14 @@ class RegressorDataModule(pl.LightningDataModule):
         num_joints = len(self.joint_names)
         entries = [e for s in self.train_sources for e in source_entries(s, num_joints)]
         if not entries:
-            raise ValueError(f"no faithful training samples in {[str(s) for s in self.train_sources]}")
+            raise ValueError(
+                f"no faithful training samples in {[str(s) for s in self.train_sources]} (a BATCH of "
+                "injected failures only, or an Animal3D JSON whose entries were all skipped as invalid)"
+            )
         if self.val_sources is not None:
             val_entries = [e for s in self.val_sources for e in source_entries(s, num_joints)]
+            if not val_entries:  # else training would run without validation and export no metrics
+                raise ValueError(f"no faithful validation samples in {[str(s) for s in self.val_sources]}")
             train_entries = entries
         else:
             train_idx, val_idx = split_indices(len(entries), self.val_fraction, self.seed)
