@@ -622,7 +622,8 @@ def finish_run(plan: RunPlan, started: float) -> ScoreSummary:
     """Merge the parts into ``out`` (atomic), remove them, write keep.txt / reject.txt and summarise."""
     out, store = plan.out, plan.store
     if store.part_files() or not out.exists():
-        merge(out, sources_for_merge(out, store), plan.schema, plan.provenance)
+        by_image_id = plan.provenance.get("input_kind") == "batch"  # a BATCH's order: its sorted ids
+        merge(out, sources_for_merge(out, store), plan.schema, plan.provenance, by_image_id)
     store.cleanup()
     keep_list, reject_list = write_lists(out)
     summary = summarize(out)

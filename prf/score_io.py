@@ -227,8 +227,19 @@ def _number(path: Path, prefix: str) -> str:
     return rest if rest.isdigit() else ""
 
 
-def merge(out: Path, sources: Sequence[Path], schema: pa.Schema, provenance: dict[str, Any]) -> int:
+def merge(
+    out: Path,
+    sources: Sequence[Path],
+    schema: pa.Schema,
+    provenance: dict[str, Any],
+    by_image_id: bool = False,
+) -> int:
     """Merge ``sources`` into ``out`` atomically, in input order; returns the rows written.
+
+    ``by_image_id`` (a BATCH input, whose order is its sorted image ids): order the rows by ``image_id``
+    and renumber ``source_index`` by the merged order. A BATCH scored while it was still being made (by
+    shards) listed only the images finished by then, so the positions recorded in earlier runs' rows are
+    not those of the finished batch.
 
     Each ``image_id`` is written once: its first occurrence in ``sources`` order wins (a padding
     sampler's duplicate, or parts left by a kill between the rename and the cleanup). Rows are ordered
@@ -244,8 +255,9 @@ def merge(out: Path, sources: Sequence[Path], schema: pa.Schema, provenance: dic
     """
     metadata = {METADATA_KEY: json.dumps(provenance).encode("utf-8")}
     tmp = out.with_name(f".{out.name}.merge.tmp")
-    index = _MergeIndex(sources)
+    index = _MergeIndex(sources, by_image_id)
     order = index.order()
+    renumbered = schema.get_field_index("source_index") if by_image_id else -1
     loaded: dict[int, pa.Table] = {}
     remaining = np.bincount(index.unit[order], minlength=len(index.units))  # rows still to write, per group
     try:
@@ -264,7 +276,11 @@ def merge(out: Path, sources: Sequence[Path], schema: pa.Schema, provenance: dic
                         del loaded[unit]
                 grouped = pa.concat_tables(pieces)
                 # row k of ``grouped`` is row by_unit[k] of the chunk: put every row back in its place
-                writer.write_table(grouped.take(pa.array(np.argsort(by_unit))), row_group_size=MERGE_ROWS)
+                chunk = grouped.take(pa.array(np.argsort(by_unit)))
+                if renumbered >= 0:
+                    positions = pa.array(np.arange(start, start + len(chosen), dtype=np.int64))
+                    chunk = chunk.set_column(renumbered, schema.field(renumbered), positions)
+                writer.write_table(chunk, row_group_size=MERGE_ROWS)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -281,11 +297,12 @@ def _runs(sorted_units: np.ndarray, positions: np.ndarray) -> Iterable[tuple[int
 
 
 class _MergeIndex:
-    """Where every row to merge is (``merge``'s first pass): per kept row its ``source_index`` (``key``),
+    """Where every row to merge is (``merge``'s first pass): per kept row its ``source_index`` (``key``;
+    its ``image_id`` with ``by_image_id``),
     its row group (``unit``: an index into ``units``, the (source, row group) pairs in ``sources``
     order) and its row in that group (``row``). Rows whose ``image_id`` came earlier are left out."""
 
-    def __init__(self, sources: Sequence[Path]) -> None:
+    def __init__(self, sources: Sequence[Path], by_image_id: bool = False) -> None:
         self.units: list[tuple[Path, int]] = []
         seen: set[str] = set()
         keys, units, rows = [], [], []
@@ -293,10 +310,13 @@ class _MergeIndex:
             with pq.ParquetFile(source) as parquet:
                 for group in range(parquet.num_row_groups):
                     table = parquet.read_row_group(group, columns=["image_id", "source_index"])
-                    kept = self._first_occurrences(table.column("image_id").to_pylist(), seen)
-                    # a row without a position (never written by prf) goes after every positioned row
-                    position = table.column("source_index").fill_null(np.iinfo(np.int64).max)
-                    keys.append(position.to_numpy()[kept])
+                    image_ids = table.column("image_id").to_pylist()
+                    kept = self._first_occurrences(image_ids, seen)
+                    if by_image_id:
+                        keys.append(np.array(image_ids, dtype=object)[kept])
+                    else:  # a row without a position (never written by prf) goes after every positioned row
+                        position = table.column("source_index").fill_null(np.iinfo(np.int64).max)
+                        keys.append(position.to_numpy()[kept])
                     units.append(np.full(len(kept), len(self.units), dtype=np.int32))
                     rows.append(kept.astype(np.int32))
                     self.units.append((source, group))

@@ -167,6 +167,31 @@ def test_merge_writes_input_order_from_interleaved_unsorted_and_repeated_sources
     assert pq.ParquetFile(out).metadata.num_row_groups == 5  # row groups of MERGE_ROWS rows
 
 
+def test_a_batch_scored_while_its_shards_were_made_merges_in_image_id_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run listed only shard 0's images (0, 2, 4 at positions 0, 1, 2); the rerun, after shard 1
+    finished, the rest (1, 3 at positions 1, 3). By position the rows would interleave wrongly; a BATCH's
+    order is its sorted image ids, and source_index is renumbered to match."""
+    monkeypatch.setattr(score_io, "MERGE_ROWS", 2)
+    schema = score_io.scores_schema(["A"])
+    out = tmp_path / "s.parquet"
+
+    def rows(ids_at: list[tuple[int, int]]) -> list[dict]:
+        return [{"image_id": f"{i:08d}", "image": f"{i}.png", "status": "ok", "source_index": at}
+                for i, at in ids_at]  # fmt: skip
+
+    first, rerun = score_io.PartStore(out, 0), score_io.PartStore(out, 1)
+    first.start({"input": "x"}), rerun.start({"input": "x"})
+    first.write(rows([(0, 0), (2, 1), (4, 2)]), schema)
+    rerun.write(rows([(1, 1), (3, 3)]), schema)
+    sources = score_io.sources_for_merge(out, score_io.PartStore(out))
+    assert score_io.merge(out, sources, schema, {"input": "x"}, by_image_id=True) == 5
+    table = pd.read_parquet(out)
+    assert list(table["image_id"]) == [f"{i:08d}" for i in range(5)]
+    assert list(table["source_index"]) == list(range(5))
+
+
 def test_merge_of_nothing_writes_an_empty_table_with_the_schema(tmp_path: Path) -> None:
     schema = score_io.scores_schema(["A", "B"])
     out = tmp_path / "s.parquet"
