@@ -25,6 +25,7 @@ from generation.config import CategoryTable, GenerationConfig, load_category_tab
 from generation.pipeline import GenerationPipeline
 from generation.pose_sources import build_pose_source
 from prf.body import SMAL
+from prf.config_errors import validation_message
 from prf.data.animal3d import write_animal3d_json
 from prf.data.batch import BatchReader, BatchWriter
 
@@ -87,14 +88,8 @@ def validated_settings(settings: dict[str, Any]) -> tuple[GenerationConfig, Cate
     category names) raises here, before any work."""
     try:
         config = GenerationConfig.model_validate(settings)
-    except ValidationError as err:  # one line per problem, named by its key
-        problems = []
-        for item in err.errors()[:5]:
-            key = ".".join(str(part) for part in item["loc"])
-            message = "unknown key" if item["type"] == "extra_forbidden" else str(item["msg"])
-            message = message.removeprefix("Value error, ")
-            problems.append(f"{key}: {message}" if key else message)
-        raise ValueError("invalid generation settings: " + "; ".join(problems)) from None
+    except ValidationError as err:
+        raise ValueError(validation_message(err, "generation settings")) from None
     check_backend_options(config)
     categories = load_category_table(config.category_table)
     for name in config.categories:

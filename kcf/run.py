@@ -52,6 +52,7 @@ from kcf.folds import (
 )
 from kcf.model import BinSettings, ModelSettings, OptimSettings
 from prf.checkpoint import sha256_file
+from prf.config_errors import validation_message
 from prf.data.io import atomic_write_bytes
 from prf.score_io import METADATA_KEY, SCORES_FORMAT, SCORES_FORMAT_VERSION, now_iso, prf_version, write_lists
 
@@ -110,19 +111,6 @@ class KCFThresholds(_Section):
         return self
 
 
-def _validation_message(err: ValidationError, what: str) -> str:
-    lines = []
-    for item in err.errors()[:5]:
-        key = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
-        elif not key:  # a check of the whole file (a model validator)
-            lines.append(str(item["msg"]).removeprefix("Value error, "))
-        else:
-            lines.append(f"'{key}': {item['msg']}")
-    return f"invalid {what}: " + "; ".join(lines)
-
-
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -153,7 +141,7 @@ def load_config(
     try:
         return KCFConfig.model_validate(raw)
     except ValidationError as err:
-        raise ValueError(_validation_message(err, f"KCF config ({source})")) from None
+        raise ValueError(validation_message(err, f"KCF config ({source})")) from None
 
 
 @dataclass(frozen=True)
@@ -178,7 +166,7 @@ def load_thresholds(path: str | os.PathLike[str] | KCFThresholds | None) -> Thre
         # image of a CPU-sized KCF next to a geodesic_max); the default is for running without a file
         limits = KCFThresholds.model_validate({"ce_max": None, "geodesic_max": None, **raw})
     except ValidationError as err:
-        raise ValueError(_validation_message(err, f"KCF thresholds file ({path})")) from None
+        raise ValueError(validation_message(err, f"KCF thresholds file ({path})")) from None
     return ThresholdsFile(limits, path, sha256_file(path), path.read_text(encoding="utf-8"))
 
 

@@ -30,6 +30,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from prf.body.smal import SMAL
 from prf.checkpoint import check_layout, load_export, plain, save_export
+from prf.config_errors import validation_message
 from prf.data.datamodule import AugmentConfig, RegressorDataModule
 from prf.data.transforms import DEFAULT_CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD
 from prf.models.heads import (
@@ -170,19 +171,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _validation_message(err: ValidationError, source: str) -> str:
-    lines = []
-    for item in err.errors()[:5]:
-        key = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
-        elif not key:  # a check of the whole config (a model validator)
-            lines.append(str(item["msg"]).removeprefix("Value error, "))
-        else:
-            lines.append(f"'{key}': {item['msg']}")
-    return f"invalid training config ({source}): " + "; ".join(lines)
-
-
 def load_train_config(
     stage: str, config_path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
@@ -200,7 +188,7 @@ def load_train_config(
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as err:
-        raise ValueError(_validation_message(err, str(path))) from None
+        raise ValueError(validation_message(err, f"training config ({path})")) from None
     unknown = unknown_head_options(cfg.model.arch, cfg.model.head)
     if unknown:
         raise ValueError(

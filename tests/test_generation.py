@@ -143,7 +143,7 @@ def test_bad_config_fails_before_work(tmp_path: Path) -> None:
         run_generate(out, {"n": 2, "failure_types": ["wings"]}, quiet=True)
     with pytest.raises(ValueError, match="unknown category"):
         run_generate(out, {"n": 2, "categories": ["dragon"]}, quiet=True)
-    with pytest.raises(ValueError, match="invalid generation settings: colour: unknown key"):
+    with pytest.raises(ValueError, match="invalid generation settings: unknown key 'colour'"):
         run_generate(out, {"n": 2, "colour": "red"}, quiet=True)
     with pytest.raises(ValueError, match="family_data is the shape-family file of a SMAL model"):
         run_generate(out, {"n": 2, "family_data": str(tmp_path)}, quiet=True)
