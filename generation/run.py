@@ -56,6 +56,8 @@ _OPTION_FLAGS = {"base_model": "--model-path", "controlnet_model": "--controlnet
 def check_backend_options(config: GenerationConfig) -> None:
     """Refuse backend options the chosen backend's constructor does not take (before anything loads)."""
     accepted = inspect.signature(backend_class(config.backend).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return  # a backend taking **options checks them itself
     takes = [name for name in accepted if name != "self"]
     unknown = [key for key in backend_options(config) if key not in takes]
     if unknown:
