@@ -28,6 +28,7 @@ from prf.body import SMAL
 from prf.config_errors import validation_message
 from prf.data.animal3d import write_animal3d_json
 from prf.data.batch import BatchReader, BatchWriter
+from prf.data.io import check_output_file
 
 console = Console(stderr=True)
 
@@ -69,14 +70,8 @@ def check_backend_options(config: GenerationConfig) -> None:
 def check_export_path(animal3d_json: Path | None) -> None:
     """Refuse an ``--animal3d-json`` path that cannot be written, before any image is made (the export
     runs last)."""
-    if animal3d_json is None:
-        return
-    path = Path(animal3d_json)
-    if path.is_dir():
-        raise ValueError(f"--animal3d-json {path} is a folder; give the JSON file to write")
-    parent = next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ValueError(f"--animal3d-json {path}: cannot create it ({parent} is not a writable folder)")
+    if animal3d_json is not None:
+        check_output_file(animal3d_json, "--animal3d-json", "train.json")
 
 
 def generation_progress(quiet: bool) -> Progress:

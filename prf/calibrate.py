@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from prf.data.io import atomic_write_bytes
+from prf.data.io import atomic_write_bytes, check_output_file
 from prf.score_io import now_iso, read_provenance, read_thresholds_of
 from prf.thresholds import (
     METRICS,
@@ -617,8 +617,7 @@ def calibrate(
     """
     scores, out = Path(scores), Path(out)
     metrics = list(dict.fromkeys(metrics))  # a metric named twice is still one threshold
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the thresholds file to write, e.g. {out}/t.yaml")
+    check_output_file(out, "--out", "thresholds.yaml")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")

@@ -48,6 +48,7 @@ from prf.checkpoint import sha256_file
 from prf.cpu import usable_cores
 from prf.data.animal3d import SampleRef
 from prf.data.inputs import detect_input, iter_samples
+from prf.data.io import check_output_file
 from prf.data.shared_refs import RefsWriteError, SharedRefs, release_folder, temporary_folder
 from prf.data.transforms import from_normalised, normalise_batch
 from prf.models.heads import RegressorOutput
@@ -105,17 +106,19 @@ class ScoringModel:
     checkpoint: Path
 
 
+def _here_or_shipped(relative: Path) -> Path:
+    """``relative`` in the current folder, else the one shipped in the prf source tree (when there is)."""
+    return relative if relative.is_file() or not (REPO_ROOT / relative).is_file() else REPO_ROOT / relative
+
+
 def default_thresholds() -> Path:
-    """thresholds.yaml in the current folder, else the one shipped at the root of the source tree (for
-    the default checkpoints)."""
-    local = Path("thresholds.yaml")
-    return local if local.is_file() or not (REPO_ROOT / local).is_file() else REPO_ROOT / local
+    """thresholds.yaml in the current folder, else the one shipped for the default checkpoints."""
+    return _here_or_shipped(Path("thresholds.yaml"))
 
 
 def default_checkpoint(name: str) -> Path:
     """``checkpoints/prf_model_<name>.pt`` in the current folder, else in the prf source tree."""
-    relative = Path("checkpoints") / f"prf_model_{name.lower()}.pt"
-    return relative if relative.is_file() or not (REPO_ROOT / relative).is_file() else REPO_ROOT / relative
+    return _here_or_shipped(Path("checkpoints") / f"prf_model_{name.lower()}.pt")
 
 
 def resolve_checkpoints(
@@ -530,12 +533,8 @@ def check_run_options(batch_size: int, workers: int | None, limit: int | None, f
 
 
 def check_out_path(out: Path) -> None:
-    """Refuse an ``--out`` that cannot be a file: a folder, or one under a path that is a file."""
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the SCORES file to write ({out}/scores.parquet)")
-    blocking = next((p for p in out.parents if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise ValueError(f"--out {out}: {blocking} is a file, so no folder can be made there")
+    """Refuse an ``--out`` that cannot be the SCORES file (``check_output_file``), before any work."""
+    check_output_file(out, "--out", "scores.parquet")
 
 
 @dataclass

@@ -54,6 +54,21 @@ class ImageReadError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
+def check_output_file(path: str | os.PathLike[str], option: str, example: str = "") -> None:
+    """Refuse, before any work, an output FILE path ``option`` (e.g. ``--out``) that cannot be written: a
+    folder, a path under a file, or one whose nearest existing folder is not writable. ``example``: a
+    file name to suggest inside the folder."""
+    path = Path(path)
+    if path.is_dir():
+        hint = f" ({path / example})" if example else ""
+        raise ValueError(f"{option} {path} is a folder; give the file to write{hint}")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: {parent} is a file, so no folder can be made there")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{option} {path}: cannot create it ({parent} is not a writable folder)")
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder + ``os.replace``).
 
