@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from kcf.data import HEADS, AngleBins, KCFDataset, KCFItem
 from kcf.model import KCFModule, OptimSettings, build_pose_classifier
+from prf.config_errors import refused_trainer_settings
 from prf.data.io import atomic_write_bytes, atomic_write_json
 from prf.lightning_quiet import lightning_info_silenced
 from prf.train_progress import progress_callbacks
@@ -249,16 +250,14 @@ def check_fold_spec(spec: FoldSpec) -> None:
     (a backbone timm does not have, a weights file that does not fit, an accelerator this machine lacks,
     a precision Lightning does not know) fail here, before any image is read or the work folder claimed.
     """
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-
     _module(spec)
-    with tempfile.TemporaryDirectory() as scratch, lightning_info_silenced():
-        try:
-            _trainer(spec, Path(scratch))
-        except (MisconfigurationException, ValueError) as err:
-            keys = ("accelerator", "devices", "precision")
-            settings = ", ".join(f"trainer.{k}={spec.trainer.get(k)!r}" for k in keys)
-            raise ValueError(f"the KCF trainer settings ({settings}) do not run here: {err}") from None
+    settings = {key: spec.trainer.get(key) for key in ("accelerator", "devices", "precision")}
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        lightning_info_silenced(),
+        refused_trainer_settings("KCF trainer", settings),
+    ):
+        _trainer(spec, Path(scratch))
 
 
 def _dataset(spec: FoldSpec, items: Sequence[KCFItem], module: KCFModule) -> KCFDataset:

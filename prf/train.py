@@ -26,11 +26,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from prf.body.smal import SMAL
 from prf.checkpoint import check_layout, load_export, plain, save_export
-from prf.config_errors import validation_message
+from prf.config_errors import refused_trainer_settings, validation_message
 from prf.data.datamodule import AugmentConfig, RegressorDataModule
 from prf.data.transforms import DEFAULT_CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD
 from prf.models.heads import (
@@ -479,34 +478,25 @@ def _make_trainer(t: TrainerSection, run_dir: Path) -> pl.Trainer:
         "limit_val_batches": t.limit_val_batches,
         "gradient_clip_val": t.gradient_clip_val,
     }
-    try:
-        return _lightning_trainer(t, run_dir, callbacks, live_bar, optional)
-    except (MisconfigurationException, TypeError, ValueError) as err:
-        keys = ("accelerator", "devices", "strategy", "num_nodes", "precision")
-        settings = ", ".join(f"trainer.{k}={getattr(t, k)!r}" for k in keys)
-        raise ValueError(f"the trainer settings ({settings}) do not run here: {err}") from None
-
-
-def _lightning_trainer(
-    t: TrainerSection, run_dir: Path, callbacks: list[pl.Callback], live_bar: bool, optional: dict[str, Any]
-) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        max_epochs=t.max_epochs,
-        max_steps=t.max_steps,
-        log_every_n_steps=t.log_every_n_steps,
-        check_val_every_n_epoch=t.check_val_every_n_epoch,
-        deterministic=t.deterministic,
-        fast_dev_run=t.fast_dev_run,
-        callbacks=callbacks,
-        enable_checkpointing=not t.fast_dev_run,
-        logger=CSVLogger(save_dir=run_dir, name="logs"),
-        default_root_dir=run_dir,
-        enable_progress_bar=live_bar,
-        num_sanity_val_steps=0,
-        **{k: v for k, v in optional.items() if v is not None},
-    )
+    keys = ("accelerator", "devices", "strategy", "num_nodes", "precision")
+    with refused_trainer_settings("trainer", {key: getattr(t, key) for key in keys}):
+        return pl.Trainer(
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            max_epochs=t.max_epochs,
+            max_steps=t.max_steps,
+            log_every_n_steps=t.log_every_n_steps,
+            check_val_every_n_epoch=t.check_val_every_n_epoch,
+            deterministic=t.deterministic,
+            fast_dev_run=t.fast_dev_run,
+            callbacks=callbacks,
+            enable_checkpointing=not t.fast_dev_run,
+            logger=CSVLogger(save_dir=run_dir, name="logs"),
+            default_root_dir=run_dir,
+            enable_progress_bar=live_bar,
+            num_sanity_val_steps=0,
+            **{k: v for k, v in optional.items() if v is not None},
+        )
