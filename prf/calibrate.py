@@ -66,6 +66,7 @@ from prf.thresholds import (
     ThresholdsConfig,
     checkpoint_mismatches,
     dump_thresholds,
+    resolve_checkpoint,
 )
 
 DEFAULT_METRICS = ("pa_mpjpe", "s_mpjpe", "pck")
@@ -405,18 +406,13 @@ def _checkpoint_keys(
     source_path = provenance["thresholds"].get("path")
     folder = Path(os.path.abspath(out)).parent
     keys: dict[str, str | None] = {}
+    anchor = Path(source_path) if source_path is not None else None
     for name, model in source.models.items():
-        path = scored.get(name) or model.checkpoint
-        if path is None:
-            keys[name] = None
-            continue
-        path = os.path.expanduser(path)
-        if not os.path.isabs(path):
-            if source_path is None:  # nothing to resolve it against: keep it as it was written
-                keys[name] = path
-                continue
-            path = os.path.join(os.path.dirname(source_path), path)
-        keys[name] = os.path.relpath(os.path.abspath(path), folder)
+        path = resolve_checkpoint(scored.get(name) or model.checkpoint, anchor)
+        if path is None or (anchor is None and not path.is_absolute()):  # nothing to resolve it against
+            keys[name] = None if path is None else str(path)
+        else:
+            keys[name] = os.path.relpath(os.path.abspath(path), folder)
     return keys
 
 

@@ -225,13 +225,18 @@ class ThresholdsFile:
 
     def checkpoint_path(self, name: str) -> Path | None:
         """Model ``name``'s ``checkpoint`` resolved against the file's folder (None when unset)."""
-        value = self.config.models[name].checkpoint
-        if value is None:
-            return None
-        candidate = Path(value).expanduser()
-        if candidate.is_absolute() or self.path is None:
-            return candidate
-        return self.path.parent / candidate
+        return resolve_checkpoint(self.config.models[name].checkpoint, self.path)
+
+
+def resolve_checkpoint(value: str | None, thresholds_path: Path | None) -> Path | None:
+    """A ``checkpoint`` key as a path: relative keys are relative to the thresholds file's folder (left
+    relative when the file has no path); None stays None."""
+    if value is None:
+        return None
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute() or thresholds_path is None:
+        return candidate
+    return thresholds_path.parent / candidate
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:
